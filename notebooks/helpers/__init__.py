@@ -1,0 +1,1 @@
+"""Shared code for the Nemotron-3-Nano x MedMCQA notebooks."""

@@ -1,0 +1,283 @@
+"""Stage 2: supervised fine-tuning with TRL's SFTTrainer on LoRA adapters.
+
+`TrainConfig` holds every knob in one place (notebooks, train.py and the
+benchmark share it). `sft_config()` turns it into TRL's `SFTConfig`;
+`make_trainer()` builds the trainer; `train()` runs it (resuming from the last
+checkpoint when there is one) and writes a run record that notebook 04 reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OUTPUTS = REPO_ROOT / "outputs"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Defaults: the real model on full MedMCQA, one epoch."""
+    run_name: str = "nemotron-medmcqa-lora"
+    model_id: str = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
+    revision: str | None = None
+    data_source: str = "hub"              # "hub" or a folder of MedMCQA-schema files
+    data_dir: str = str(REPO_ROOT / "data" / "medmcqa_formatted")  # where stage 1 saves the formatted splits
+    with_explanation: bool = True         # train on the explanation after the answer
+    max_length: int = 1024                # tokens; longer rows are truncated (answer kept)
+    train_limit: int | None = None        # use only the first N training rows
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    routed_experts: bool = False          # LoRA on the 128 routed experts too (PEFT target_parameters)
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    num_train_epochs: float = 1.0
+    max_steps: int = -1                   # > 0 overrides num_train_epochs
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+    eval_limit: int | None = None         # score only the first N validation questions
+    eval_batch_size: int = 16
+    output_root: str = str(OUTPUTS)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_root) / "checkpoints" / self.run_name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_root) / "runs" / self.run_name
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed (unknown names are an error, not ignored)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig field(s): {sorted(unknown)}. "
+                             f"Known: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+
+def sft_config(cfg: TrainConfig, **overrides):
+    """TRL's SFTConfig for this run, with each choice explained."""
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    args = dict(
+        output_dir=str(cfg.checkpoint_dir),            # checkpoints + final adapter
+        run_name=cfg.run_name,
+        # --- data: prompt/completion pairs, loss on the completion only (prompt tokens masked)
+        completion_only_loss=True,
+        max_length=cfg.max_length,                     # truncate longer rows (their answer stays)
+        dataset_num_proc=None,
+        # --- batch: tokens per optimizer step = batch x accumulation x (mean row length)
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # --- optimisation
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,       # cosine or linear decay ...
+        warmup_ratio=cfg.warmup_ratio,                 # ... after a short warm-up
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch",
+        seed=cfg.seed,                                 # same seed -> same data order and LoRA init
+        data_seed=cfg.seed,
+        # --- memory
+        bf16=on_gpu,                                   # bf16 on GPU; fp32 on CPU (tiny model)
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # --- bookkeeping
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,                     # checkpoint every N steps ...
+        save_total_limit=cfg.save_total_limit,         # ... keeping only the newest few
+        report_to=["tensorboard"],
+        include_num_input_tokens_seen="non_padding",   # count real tokens, not padding
+        dataloader_num_workers=0,
+        disable_tqdm=False,                            # the progress bar
+    )
+    args.update(overrides)
+    return SFTConfig(**args)
+
+
+def training_split(dataset_dict, limit: int | None = None):
+    """The prompt/completion columns of the labelled train split (optionally the first `limit` rows)."""
+    from .data import require_labelled
+    if "train" not in dataset_dict:
+        raise ValueError("The prepared data has no 'train' split: run notebook 01 / prepare_medmcqa on a "
+                         "source with a train split.")
+    train = dataset_dict["train"]
+    require_labelled("train", [{"cop": 0 if a else -1} for a in train["answer"]])
+    if limit:
+        train = train.select(range(min(limit, len(train))))
+    return train.select_columns(["prompt", "completion"])
+
+
+class StepTimer:
+    """A TrainerCallback that records wall time and tokens of every optimizer step."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _StepTimer(TrainerCallback):
+            def __init__(self):
+                self.steps: list[dict] = []
+                self._t = None
+                self._tokens = 0
+
+            def on_train_begin(self, args, state, control, **kw):
+                self._sync()
+                self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+
+            def on_step_end(self, args, state, control, **kw):
+                self._sync()
+                now = time.perf_counter()
+                self.steps.append({"step": state.global_step, "seconds": now - self._t,
+                                   "tokens": state.num_input_tokens_seen - self._tokens})
+                self._t, self._tokens = now, state.num_input_tokens_seen
+
+            @staticmethod
+            def _sync():
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+
+        return _StepTimer()
+
+
+def make_trainer(model, tokenizer, train_dataset, cfg: TrainConfig, callbacks=(), **sft_overrides):
+    """An SFTTrainer for a LoRA-wrapped `model`, with a StepTimer attached (as `trainer.step_timer`)."""
+    from trl import SFTTrainer
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(cfg.run_dir / "tensorboard")
+    timer = StepTimer()
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, **sft_overrides), train_dataset=train_dataset,
+                         processing_class=tokenizer, callbacks=[timer, *callbacks])
+    trainer.step_timer = timer
+    return trainer
+
+
+def last_checkpoint(cfg: TrainConfig) -> str | None:
+    """Path of the newest `checkpoint-N` folder of this run, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+    return get_last_checkpoint(str(cfg.checkpoint_dir)) if cfg.checkpoint_dir.is_dir() else None
+
+
+def train(trainer, cfg: TrainConfig, resume: bool = True, stack: str = "standard",
+          warmup_steps_excluded: int = 1) -> dict:
+    """Train (resuming from the last checkpoint if any), save the adapter, write the run record."""
+    checkpoint = last_checkpoint(cfg) if resume else None
+    if checkpoint:
+        print(f"Resuming from {checkpoint}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.perf_counter() - start
+    trainer.save_model(str(cfg.checkpoint_dir))  # the adapter + tokenizer, next to the checkpoints
+    record = run_record(trainer, cfg, wall, stack, checkpoint, warmup_steps_excluded)
+    save_run_record(record, cfg.run_dir)
+    return record
+
+
+def library_versions() -> dict:
+    """Versions of everything that decides speed or numerics, for the run record."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version(), "torch_cuda": torch.version.cuda}
+    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo",
+                 "mamba_ssm", "causal_conv1d"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware() -> dict:
+    """GPU name, count, driver-visible memory and peak usage (or 'cpu')."""
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "gpu_name": None, "cpu_count": os.cpu_count()}
+    props = torch.cuda.get_device_properties(0)
+    gib = 2 ** 30
+    return {"device": "cuda", "gpu_name": props.name, "gpu_count": torch.cuda.device_count(),
+            "gpu_total_gib": round(props.total_memory / gib, 1),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2)}
+
+
+def run_record(trainer, cfg: TrainConfig, wall: float, stack: str, resumed_from, warmup_steps_excluded: int) -> dict:
+    """The metrics.json content: speed, memory, tokens, versions, config and the loss history."""
+    state, steps = trainer.state, trainer.step_timer.steps
+    steady = steps[warmup_steps_excluded:] or steps
+    steady_sec = sum(s["seconds"] for s in steady)
+    args = trainer.args
+    world = max(getattr(args, "world_size", 1), 1)
+    losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "run_name": cfg.run_name, "stack": stack, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "resumed_from": resumed_from, "wall_seconds": round(wall, 2),
+        "steps": state.global_step, "samples": state.global_step * args.per_device_train_batch_size
+        * args.gradient_accumulation_steps * world,
+        "tokens": int(state.num_input_tokens_seen),
+        "tokens_per_second": round(sum(s["tokens"] for s in steps) / max(sum(s["seconds"] for s in steps), 1e-9), 1),
+        "steady_tokens_per_second": round(sum(s["tokens"] for s in steady) / max(steady_sec, 1e-9), 1),
+        "seconds_per_step": round(statistics.median(s["seconds"] for s in steady), 4) if steady else None,
+        "first_step_seconds": round(steps[0]["seconds"], 2) if steps else None,
+        "warmup_steps_excluded": warmup_steps_excluded,
+        "trainable_parameters": trainable,
+        "final_loss": losses[-1][1] if losses else None,
+        "loss_history": losses, "step_times": steps,
+        "hardware": hardware(), "versions": library_versions(), "config": dataclasses.asdict(cfg),
+        "effective_batch": {"per_device": args.per_device_train_batch_size,
+                            "gradient_accumulation": args.gradient_accumulation_steps, "processes": world},
+    }
+
+
+def save_run_record(record: dict, run_dir: Path) -> Path:
+    """Write metrics.json and the loss-curve PNG into the run's folder."""
+    from .plots import plot_loss_curves
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps(record, indent=2))
+    if record["loss_history"]:
+        steps, losses = zip(*record["loss_history"])
+        plot_loss_curves({record["run_name"]: (steps, losses)}, name="loss", out_dir=run_dir)
+    return path
+
+
+def load_run_record(path: str | Path) -> dict:
+    """Read a run record (metrics.json, or the folder holding it)."""
+    path = Path(path)
+    path = path / "metrics.json" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"No run record at {path}: run notebook 03 (or train.py) first.")
+    return json.loads(path.read_text())
+
+
+def print_run_summary(record: dict) -> None:
+    """The few numbers a learner wants after training."""
+    hw = record["hardware"]
+    mem = f", peak GPU memory {hw['peak_allocated_gib']} GiB allocated / {hw['peak_reserved_gib']} GiB reserved" \
+        if hw.get("gpu_name") else " (CPU)"
+    print(f"{record['run_name']} [{record['stack']}]: {record['steps']} steps, {record['samples']} samples, "
+          f"{record['tokens']:,} tokens in {record['wall_seconds']:.0f} s -> {record['steady_tokens_per_second']:,.0f} "
+          f"tokens/s steady (first step {record['first_step_seconds']} s){mem}; final loss {record['final_loss']}")
