@@ -122,3 +122,37 @@ def plot_accuracy(results: dict, name="accuracy", out_dir=None, chance=0.25) -> 
     ax.set_title(f"MedMCQA validation accuracy (n={results[labels[0]]['n']})")
     ax.legend()
     return _finish(fig, name, out_dir)
+
+
+def _label(record: dict) -> str:
+    """'stack (GPU)' for legends."""
+    return f"{record['stack']} ({record['hardware'].get('gpu_name') or 'CPU'})"
+
+
+def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, note: str = "") -> Path:
+    """Side by side for several run records: steady tokens/s, s/step, wall time, peak memory, loss curves."""
+    panels = [("steady_tokens_per_second", "tokens/s (steady)", 1), ("seconds_per_step", "seconds/step", 1),
+              ("wall_seconds", "total wall time (s)", 1), ("peak_allocated_gib", "peak GPU memory (GiB)", 1)]
+    fig, axes = plt.subplots(1, 5, figsize=(19, 3.8), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.8]})
+    labels = [r["stack"] for r in records]
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(records)]
+    for ax, (key, title, _) in zip(axes, panels):
+        values = [r["hardware"].get(key) if key.startswith("peak") else r.get(key) for r in records]
+        values = [v or 0 for v in values]
+        ax.bar(labels, values, color=colors)
+        for x, v in enumerate(values):
+            ax.text(x, v, f"{v:,.3g}", ha="center", va="bottom")
+        if key == "steady_tokens_per_second" and values[0]:
+            ax.set_xticks(range(len(labels)), [f"{lab}\n{v / values[0]:.2f}x" for lab, v in zip(labels, values)])
+        ax.set_title(title)
+    for record, color in zip(records, colors):
+        steps, losses = zip(*record["loss_history"]) if record["loss_history"] else ((), ())
+        axes[4].plot(steps, losses, color=color, label=_label(record), alpha=0.8)
+    axes[4].set_title("training loss")
+    axes[4].set_xlabel("step")
+    axes[4].legend(fontsize=8)
+    v = records[0]["versions"]
+    fig.suptitle(f"{' vs '.join(_label(r) for r in records)} - torch {v['torch']}, transformers "
+                 f"{v['transformers']}, trl {v['trl']}, peft {v['peft']}, unsloth "
+                 f"{records[-1]['versions'].get('unsloth')} {note}", fontsize=9)
+    return _finish(fig, name, out_dir)

@@ -73,6 +73,32 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+TINY_MODEL = str(OUTPUTS / "tiny-nemotron")
+# Presets for train.py (`--preset NAME`); anything can still be overridden with `--set key=value`.
+PRESETS = {
+    # The real model on full MedMCQA, one epoch (an 80 GB GPU with the Mamba kernels).
+    "full": {},
+    # Offline, CPU, ~2 minutes: the tiny random model on the shipped sample. Checks every step runs.
+    "smoke": dict(run_name="smoke", model_id=TINY_MODEL, data_source="data/sample",
+                  data_dir=str(REPO_ROOT / "data" / "smoke_formatted"), max_length=512, max_steps=12,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
+                  logging_steps=2, save_steps=6, eval_batch_size=8),
+    # Offline, CPU: the tiny model learns the synthetic code-word task (accuracy well above 25%).
+    "learn": dict(run_name="learn", model_id=TINY_MODEL, data_source="synthetic",
+                  data_dir=str(REPO_ROOT / "data" / "synthetic_formatted"), max_length=128,
+                  with_explanation=False, max_steps=60, per_device_train_batch_size=16,
+                  gradient_accumulation_steps=1, learning_rate=5e-3, warmup_ratio=0.05,
+                  logging_steps=5, save_steps=30, eval_batch_size=32),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """The TrainConfig of a named preset, with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return TrainConfig(**PRESETS[name]).replace(**overrides)
+
+
 def sft_config(cfg: TrainConfig, **overrides):
     """TRL's SFTConfig for this run, with each choice explained."""
     from trl import SFTConfig
@@ -91,7 +117,7 @@ def sft_config(cfg: TrainConfig, **overrides):
         # --- optimisation
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,       # cosine or linear decay ...
-        warmup_ratio=cfg.warmup_ratio,                 # ... after a short warm-up
+        warmup_steps=cfg.warmup_ratio,                 # ... after a short warm-up (a float < 1 is a share of all steps)
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         weight_decay=cfg.weight_decay,
@@ -161,9 +187,44 @@ class StepTimer:
         return _StepTimer()
 
 
+class _TorchLogProb:
+    """TRL's chunked log-prob kernel, in plain PyTorch, for CPUs.
+
+    TRL 1.15's SFTTrainer computes the loss with a Triton kernel that runs on CUDA
+    only (it never builds the full logits). On a CPU there is no such kernel, so we
+    compute the same outputs the simple way; autograd handles the backward pass.
+    """
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+        z = (hidden @ weight.t() + (bias if bias is not None else 0)).float() * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        z = z / temperature
+        logp = torch.log_softmax(z, dim=-1)
+        target_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
+        probs = logp.exp()
+        return (target_logp,
+                -(probs * logp).sum(-1) if "entropy" in outputs else None,
+                torch.logsumexp(2 * logp, -1).detach() if "log_sum_sq_probs" in outputs else None,
+                z.mean(-1).detach() if "mean_logits" in outputs else None,
+                (z.argmax(-1) == targets).detach() if "is_top1" in outputs else None)
+
+
+def use_cpu_loss_fallback() -> bool:
+    """Without CUDA, swap TRL's Triton loss kernel for `_TorchLogProb`; on a GPU change nothing."""
+    if torch.cuda.is_available():
+        return False
+    import trl.trainer.utils as trl_utils
+    trl_utils._ChunkedLogProbFunction = _TorchLogProb
+    return True
+
+
 def make_trainer(model, tokenizer, train_dataset, cfg: TrainConfig, callbacks=(), **sft_overrides):
     """An SFTTrainer for a LoRA-wrapped `model`, with a StepTimer attached (as `trainer.step_timer`)."""
     from trl import SFTTrainer
+
+    use_cpu_loss_fallback()
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(cfg.run_dir / "tensorboard")

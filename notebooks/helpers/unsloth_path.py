@@ -1,0 +1,101 @@
+"""Stage 3: the same LoRA run on Unsloth's stack, and a fair comparison with the standard one.
+
+Import order matters: `import unsloth` must run before transformers, trl and peft
+are imported, so that Unsloth can patch them. Nothing in `helpers` imports those
+at module level, and `try_import_unsloth()` is meant to be the notebook's first import.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# A pair of run records measured on a real GPU (same format as outputs/runs/<run>/metrics.json),
+# used where no GPU is available (CI): see benchmarks/README.md for how they were made.
+REFERENCE_RUNS = REPO_ROOT / "benchmarks" / "results" / "runs"
+
+
+def try_import_unsloth():
+    """Import Unsloth if this machine can run it; return (module or None, reason)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU: Unsloth's kernels need one, so the Unsloth training cells are skipped"
+    late = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+    if late:
+        print(f"Warning: {late} were imported before unsloth; restart the kernel and run this cell first "
+              "so that Unsloth can patch them.")
+    try:
+        import unsloth
+    except Exception as e:  # ImportError, or Unsloth's own refusal on unsupported hardware
+        return None, f"unsloth could not be imported ({type(e).__name__}: {e}); install it with the 'unsloth' extra"
+    return unsloth, f"unsloth {getattr(unsloth, '__version__', '?')} imported before transformers/trl/peft"
+
+
+def load_model(model_id: str, max_length: int, revision: str | None = None):
+    """Load the model through `FastLanguageModel` in bf16 (16-bit LoRA; QLoRA is not recommended here)."""
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel.from_pretrained(
+        model_name=str(model_id), revision=revision, max_seq_length=max_length, dtype=torch.bfloat16,
+        load_in_4bit=False, full_finetuning=False)
+
+
+def add_lora(llm, cfg, target_modules=None):
+    """Unsloth's LoRA with notebook 03's targets, rank and seed, and its own gradient checkpointing.
+
+    Unsloth also adds LoRA to the routed experts whenever the targets include
+    up_proj/down_proj; the trainable counts printed here show whether it did, and
+    the baseline should then be run with `routed_experts=True` to train the same adapters.
+    """
+    from unsloth import FastLanguageModel
+
+    from .model import LORA_TARGET_MODULES
+    peft_model = FastLanguageModel.get_peft_model(
+        llm, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(target_modules or LORA_TARGET_MODULES), bias="none",
+        use_gradient_checkpointing="unsloth", random_state=cfg.seed)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    print(f"Unsloth LoRA: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
+    return peft_model, {"trainable": trainable, "total": total, "share": trainable / total}
+
+
+def check_same_batch(trainer, cfg) -> dict:
+    """Tokens per step must match the baseline: compare what the trainer will really use with the config."""
+    args = trainer.args
+    got = {"per_device_train_batch_size": args.per_device_train_batch_size,
+           "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_length": args.max_length,
+           "seed": args.seed, "max_steps": args.max_steps}
+    want = {"per_device_train_batch_size": cfg.per_device_train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "max_length": cfg.max_length,
+            "seed": cfg.seed, "max_steps": cfg.max_steps}
+    diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
+    if diff:
+        raise ValueError(f"The trainer does not use the baseline's settings (wanted, got): {diff}. "
+                         "Fix the SFTConfig so both runs train the same tokens per step.")
+    print("Same settings as the baseline:", got)
+    return got
+
+
+def fairness_table(baseline: dict, other: dict) -> str:
+    """Side by side: what must match between two run records, and whether it does."""
+    keys = [("trainable_parameters", lambda r: r["trainable_parameters"]),
+            ("rows per step", lambda r: r["effective_batch"]["per_device"] * r["effective_batch"]["gradient_accumulation"]),
+            ("max_length", lambda r: r["config"]["max_length"]), ("seed", lambda r: r["config"]["seed"]),
+            ("steps", lambda r: r["steps"]), ("tokens trained", lambda r: r["tokens"]),
+            ("lora r / alpha", lambda r: (r["config"]["lora_r"], r["config"]["lora_alpha"])),
+            ("routed-expert LoRA", lambda r: r["config"]["routed_experts"])]
+    lines = [f"{'':<20}{baseline['stack']:>22}{other['stack']:>22}  same?"]
+    for name, get in keys:
+        a, b = get(baseline), get(other)
+        lines.append(f"{name:<20}{str(a):>22}{str(b):>22}  {'yes' if a == b else 'NO'}")
+    return "\n".join(lines)
+
+
+def reference_records(folder: str | Path = REFERENCE_RUNS) -> tuple[dict, dict]:
+    """The committed GPU run records (standard, unsloth) for machines that cannot train here."""
+    from .training import load_run_record
+    folder = Path(folder)
+    return load_run_record(folder / "standard.json"), load_run_record(folder / "unsloth.json")

@@ -1,0 +1,254 @@
+"""Tests for notebooks/helpers/model.py, on CPU, with the tiny NemotronH (no download, no GPU)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from helpers import model as mh
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny model folder built once for this file (tokenizer trained on data/sample)."""
+    return mh.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    """A fresh (model, tokenizer) pair loaded from the tiny folder."""
+    return mh.load_model(tiny_dir)
+
+
+def batch(tokenizer):
+    """A short padded batch shaped like the tutorial's prompts."""
+    texts = ["Question: Which nerve supplies the deltoid? Answer: A", "Answer: B. Radial nerve"]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def lora_parameters(peft_model):
+    """Every lora_A / lora_B weight, by name."""
+    return {n: p for n, p in peft_model.named_parameters() if "lora_A" in n or "lora_B" in n}
+
+
+# --- the real architecture ---------------------------------------------------------------------
+
+
+def test_real_config_has_31_58b_parameters_and_about_3_6b_active():
+    from transformers import NemotronHForCausalLM
+
+    config = mh.nemotron_nano_config()
+    assert config.layers_block_type.count("linear_attention") == 23
+    assert config.layers_block_type.count("moe") == 23
+    assert config.layers_block_type.count("full_attention") == 6
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(config)
+    counts = mh.count_parameters(model)
+    print("\n" + mh.parameter_table(counts))
+    assert round(counts["total"] / 1e9, 2) == 31.58
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    parts = {k: v for k, v in counts.items() if k not in ("total", "active_per_token")}
+    assert sum(parts.values()) == counts["total"] and counts["other"] == 0
+    assert 3.0e9 < counts["active_per_token"] < 4.0e9
+
+
+# --- tiny model and tokenizer ------------------------------------------------------------------
+
+
+def test_tiny_model_saves_reloads_and_runs(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    assert model.config.model_type == "nemotron_h"
+    assert {"linear_attention", "moe", "full_attention"} <= set(model.config.layers_block_type)
+    assert model.config.n_routed_experts > model.config.num_experts_per_tok
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (*inputs["input_ids"].shape, len(tokenizer))
+    assert torch.isfinite(logits).all()
+    counts = mh.count_parameters(model)
+    for block in ("mamba", "attention", "routed_experts", "shared_experts", "router"):
+        assert counts[block] > 0, block
+    weights = next(tiny_dir.glob("*.safetensors")).stat().st_mtime_ns
+    assert mh.build_tiny_model(tiny_dir) == tiny_dir  # reused, not rebuilt
+    assert next(tiny_dir.glob("*.safetensors")).stat().st_mtime_ns == weights
+
+
+@pytest.mark.parametrize("vocab_size", [2048, 262])  # 262: no room for merges, added tokens step in
+def test_answer_letters_are_single_tokens(vocab_size):
+    tokenizer = mh.train_tiny_tokenizer(mh.FALLBACK_TEXTS, vocab_size=vocab_size)
+    letter_ids = [tokenizer.encode(t, add_special_tokens=False) for t in mh.ANSWER_TOKENS]
+    assert all(len(ids) == 1 for ids in letter_ids), letter_ids
+    ids = tokenizer.encode("Answer: B. text", add_special_tokens=False)
+    assert letter_ids[1][0] in ids
+    assert tokenizer.decode(ids) == "Answer: B. text"
+    assert tokenizer.decode(tokenizer.encode(" About Bob", add_special_tokens=False)) == " About Bob"
+
+
+def test_sample_texts_reads_medmcqa_rows(tmp_path):
+    row = '{"id": "x", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0, "exp": null}'
+    (tmp_path / "train.jsonl").write_text(row + "\n")
+    assert mh.sample_texts(tmp_path) == ["Q?", "a", "b", "c", "d"]
+    assert mh.sample_texts(tmp_path / "missing") == mh.FALLBACK_TEXTS
+
+
+# --- LoRA -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["out_proj", "conv1d"])
+def test_lora_config_refuses_targets_that_would_be_bypassed(target):
+    with pytest.raises(ValueError, match=target):
+        mh.lora_config(target_modules=["q_proj", target])
+    with pytest.raises(ValueError, match="dropout"):
+        mh.lora_config(routed_experts=True, dropout=0.05)
+
+
+def test_fused_mamba_kernel_reads_out_proj_weight_directly(tiny, monkeypatch):
+    """Why out_proj is refused: with mamba_ssm, training never calls the out_proj module."""
+    from transformers.models.nemotron_h import modeling_nemotron_h
+
+    model, tokenizer = tiny
+    weights_seen, out_proj_calls = [], []
+
+    def fake_fused_kernel(zxbcdt, *args, outproj_weight=None, outproj_bias=None, **kwargs):
+        weights_seen.append(outproj_weight)  # mamba_ssm applies it inside its own kernel
+        return torch.nn.functional.linear(zxbcdt[..., : outproj_weight.shape[1]], outproj_weight)
+
+    monkeypatch.setattr(modeling_nemotron_h, "mamba2_split_conv1d_scan_combined", fake_fused_kernel)
+    mixers = [layer.mixer for layer in model.model.layers if layer.block_type == "linear_attention"]
+    for mixer in mixers:
+        mixer.out_proj.register_forward_hook(lambda *args: out_proj_calls.append(1))
+    model.train()
+    model(**batch(tokenizer), use_cache=False)
+    assert [id(w) for w in weights_seen] == [id(m.out_proj.weight) for m in mixers]
+    assert out_proj_calls == []  # a LoRA wrapper around out_proj would never run
+
+
+@pytest.mark.parametrize("routed_experts", [False, True])
+def test_lora_wraps_the_intended_modules(tiny, routed_experts):
+    from peft.tuners.lora.layer import ParamWrapper
+
+    model, _ = tiny
+    peft_model, stats = mh.add_lora(model, mh.lora_config(r=4, alpha=8, routed_experts=routed_experts))
+    names = mh.lora_module_names(peft_model)
+    print(names)
+    suffixes = {name.split(".mixer.")[1] for name in names}
+    attention_and_mamba = {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj"}
+    expected = attention_and_mamba | {"shared_experts.up_proj", "shared_experts.down_proj"}
+    routed = {"experts.up_proj", "experts.down_proj"}
+    assert suffixes == (expected | routed if routed_experts else expected)
+    wrappers = [m for m in peft_model.modules() if isinstance(m, ParamWrapper)]
+    assert len(wrappers) == (2 * model.config.layers_block_type.count("moe") if routed_experts else 0)
+    assert 0 < stats["trainable"] < stats["total"] and stats["share"] < 0.5
+
+
+@pytest.mark.parametrize("routed_experts", [False, True])
+def test_every_lora_parameter_gets_a_gradient(tiny, routed_experts):
+    """A silently bypassed adapter would keep a zero (or missing) gradient here."""
+    model, tokenizer = tiny
+    config = mh.lora_config(r=4, alpha=8, routed_experts=routed_experts, init_lora_weights=False)
+    peft_model, _ = mh.add_lora(model, config)  # init_lora_weights=False: lora_B != 0, so A gets grads
+    peft_model.train()
+    inputs = batch(tokenizer)
+    peft_model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+    params = lora_parameters(peft_model)
+    assert len(params) == 2 * len(mh.lora_module_names(peft_model))
+    no_grad = [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_dir):
+    grads = []
+    for checkpointing in (False, True):
+        model, tokenizer = mh.load_model(tiny_dir)
+        torch.manual_seed(0)
+        peft_model, _ = mh.add_lora(model, mh.lora_config(r=4, routed_experts=True, init_lora_weights=False))
+        if checkpointing:
+            peft_model.gradient_checkpointing_enable()
+        peft_model.train()
+        inputs = batch(tokenizer)
+        peft_model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in lora_parameters(peft_model).items()})
+    for name, grad in grads[0].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_merge_and_adapter_round_trip_keep_the_logits(tiny_dir, tmp_path):
+    model, tokenizer = mh.load_model(tiny_dir)
+    torch.manual_seed(0)
+    peft_model, _ = mh.add_lora(model, mh.lora_config(r=4, routed_experts=True, init_lora_weights=False))
+    peft_model.eval()
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        adapted = peft_model(**inputs).logits
+        peft_model.save_pretrained(tmp_path / "adapter")
+        base, _ = mh.load_model(tiny_dir)
+        assert not torch.allclose(base(**inputs).logits, adapted, atol=1e-3)  # the adapter matters
+        reloaded = mh.load_adapter(base, tmp_path / "adapter")
+        torch.testing.assert_close(reloaded(**inputs).logits, adapted, atol=1e-5, rtol=1e-5)
+        merged = mh.merge_adapter(peft_model)
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(**inputs).logits, adapted, atol=1e-4, rtol=1e-4)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        mh.load_adapter(base, tmp_path)
+
+
+def test_merge_disk_check(tiny, tmp_path, monkeypatch):
+    model, _ = tiny
+    assert mh.merge_disk_check(tmp_path / "merged", model)["need_gib"] > 0
+    monkeypatch.setattr(mh.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(RuntimeError, match="Not enough disk"):
+        mh.merge_disk_check(tmp_path / "merged", model)
+
+
+# --- pre-flight -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only messages")
+def test_preflight_on_cpu_fails_gpu_check_with_a_fix_and_never_raises(tiny_dir, capsys):
+    checks = mh.preflight()
+    by_name = {check.name: check for check in checks}
+    assert not by_name["GPU"].ok and "no GPU" in by_name["GPU"].message and by_name["GPU"].fix
+    assert not by_name["Mamba kernels"].ok and "10x slower" in by_name["Mamba kernels"].message
+    assert "mamba-ssm" in by_name["Mamba kernels"].fix
+    assert "[FAIL] GPU" in capsys.readouterr().out
+    with pytest.raises(RuntimeError) as error:
+        mh.require(checks)
+    assert by_name["GPU"].message in str(error.value) and by_name["GPU"].fix in str(error.value)
+    mh.require(checks, ignore=("GPU", "Mamba kernels", "disk"))
+
+    tiny_checks = mh.preflight(model_id=tiny_dir)  # the tiny model is fine on CPU
+    mh.require(tiny_checks)
+    assert "tiny model" in tiny_checks[0].message
+
+
+def test_fast_kernels_status_reports_what_transformers_bound():
+    status = mh.fast_kernels_status()
+    assert set(status) == {"cuda", "mamba_ssm", "causal_conv1d", "implementations", "fast_path"}
+    if status["mamba_ssm"] is None:
+        assert not status["fast_path"]
+        assert all(where == "torch reference" for where in status["implementations"].values())
+
+
+def test_load_model_refuses_other_architectures(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match="nemotron_h"):
+        mh.load_model(tmp_path)
+
+
+def test_load_tokenizer_builds_the_tiny_model_on_first_use(tmp_path, monkeypatch):
+    monkeypatch.setattr(mh, "TINY_MODEL_DIR", tmp_path / "tiny-nemotron")
+    tokenizer = mh.load_tokenizer(tmp_path / "tiny-nemotron")
+    assert (tmp_path / "tiny-nemotron" / "config.json").is_file()
+    assert tokenizer.pad_token == "<pad>" and tokenizer.model_max_length == 1024

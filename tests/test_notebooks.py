@@ -1,0 +1,81 @@
+"""The four notebooks, executed top to bottom on the offline default, in order; and their hygiene."""
+
+import json
+
+import pytest
+
+from helpers import model
+
+NOTEBOOKS = ["01_data_exploration", "02_model_loading", "03_training", "04_unsloth_optimization"]
+
+
+def cells(repo, name):
+    return json.loads((repo / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_stripped_tagged_and_explained(repo, name):
+    nb = json.loads((repo / "notebooks" / f"{name}.ipynb").read_text())
+    assert nb["metadata"]["colab"]["gpuType"] == "A100" and nb["metadata"]["accelerator"] == "GPU"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code), "strip the outputs"
+    tagged = [i for i, c in enumerate(nb["cells"]) if "parameters" in c["metadata"].get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] < 10, "one parameters cell near the top"
+    for i, c in enumerate(nb["cells"]):
+        if c["cell_type"] == "code":
+            assert nb["cells"][i - 1]["cell_type"] == "markdown", f"code cell {i} has no explanation before it"
+            assert "def " not in "".join(c["source"]), "logic belongs in helpers, not in cells"
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """Shared offline parameters: the tiny model, the shipped sample, outputs in a temporary folder."""
+    root = tmp_path_factory.mktemp("nb")
+    tiny = model.build_tiny_model(root / "tiny-nemotron")
+    return {"root": root, "MODEL_ID": str(tiny), "DATA_SOURCE": "data/sample", "DATA_DIR": str(root / "formatted")}
+
+
+def execute(repo, name, out_dir, **parameters):
+    import papermill
+    out = out_dir / f"{name}.ipynb"
+    papermill.execute_notebook(str(repo / "notebooks" / f"{name}.ipynb"), str(out), parameters=parameters,
+                               cwd=str(repo / "notebooks"), kernel_name="python3", progress_bar=False)
+    return json.loads(out.read_text())
+
+
+def text_of(nb):
+    """Everything the executed notebook printed or displayed, as one string."""
+    parts = []
+    for c in nb["cells"]:
+        for o in c.get("outputs", []):
+            parts.append("".join(o.get("text", "")))
+            parts.append("".join(o.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def test_notebooks_run_in_order_offline(repo, offline, monkeypatch):
+    root = offline["root"]
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    nb1 = execute(repo, NOTEBOOKS[0], root, DATA_SOURCE=offline["DATA_SOURCE"], MODEL_ID=offline["MODEL_ID"],
+                  DATA_DIR=offline["DATA_DIR"], MAX_LENGTH=512)
+    out1 = text_of(nb1)
+    assert "cop is 0-based" in out1 and "validation" in out1
+    assert sum("image/png" in o.get("data", {}) for c in nb1["cells"] for o in c.get("outputs", [])) >= 4
+    assert (root / "formatted" / "manifest.json").exists()
+
+    nb2 = execute(repo, NOTEBOOKS[1], root, MODEL_ID=offline["MODEL_ID"])
+    out2 = text_of(nb2)
+    assert "active per token" in out2 and "LoRA:" in out2 and "5 layers: MEM*E" in out2
+
+    nb3 = execute(repo, NOTEBOOKS[2], root, MODEL_ID=offline["MODEL_ID"], DATA_DIR=offline["DATA_DIR"],
+                  RUN_NAME="nb03", MAX_STEPS=4, BATCH_SIZE=4, GRAD_ACCUM=1, LEARNING_RATE=1e-3, SAVE_STEPS=2,
+                  LOGGING_STEPS=1, EVAL_BATCH_SIZE=8, OUTPUT_ROOT=str(root / "outputs"))
+    out3 = text_of(nb3)
+    assert "first trained token" in out3 and "same answers as before saving: True" in out3
+    record = json.loads((root / "outputs" / "runs" / "nb03" / "metrics.json").read_text())
+    assert record["steps"] == 4 and record["stack"] == "standard"
+
+    nb4 = execute(repo, NOTEBOOKS[3], root, BASELINE_RUN=str(root / "outputs" / "runs" / "nb03"))
+    out4 = text_of(nb4)
+    assert "no CUDA GPU" in out4 and "reference pair measured on" in out4
+    assert "steady speed-up" in out4 and "same?" in out4

@@ -1,0 +1,136 @@
+"""Headless fine-tuning: notebooks 01-03 in one script, for long jobs.
+
+    uv run python train.py --preset smoke        # offline: tiny model + shipped sample, CPU, ~2 minutes
+    uv run python train.py --preset learn        # offline: the tiny model learns a synthetic task
+    uv run python train.py                       # the real model on full MedMCQA (one 80 GB GPU)
+    uv run python train.py --set max_steps=500 learning_rate=1e-4
+
+Steps: prepare data -> score the base model -> train LoRA (resuming from the last
+checkpoint) -> score the adapter -> reload it onto a fresh base and score again ->
+merge it and check the logits agree. Every step is a `helpers` function that the
+notebooks call too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "notebooks"))
+
+import torch  # noqa: E402
+
+from helpers import data, evaluation, model, training  # noqa: E402
+from helpers.notebook import resolve_path  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="full", choices=sorted(training.PRESETS))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override TrainConfig fields, e.g. --set max_steps=100 routed_experts=true")
+    p.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over")
+    p.add_argument("--skip-base-eval", action="store_true", help="do not score the model before training")
+    p.add_argument("--save-merged", action="store_true", help="also write the merged model (needs disk space)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args) -> training.TrainConfig:
+    """Preset + `--set key=value` overrides (values parsed as JSON when they can be: 1e-4, true, null)."""
+    changes = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+    return training.preset(args.preset, **changes)
+
+
+def prepare_data(cfg, tokenizer):
+    """Stage 1 for this run: the formatted splits (synthetic data is written first when asked for)."""
+    source = cfg.data_source
+    if source == "synthetic":
+        source = data.write_synthetic_split_files(Path(cfg.output_root) / "synthetic-medmcqa", seed=cfg.seed)
+    return data.prepare_medmcqa(resolve_path(source), out_dir=cfg.data_dir, tokenizer=tokenizer,
+                                max_length=cfg.max_length, with_explanation=cfg.with_explanation, seed=cfg.seed)
+
+
+def free(*objects):
+    """Drop references and give memory back (the real model is 59 GiB: never hold two)."""
+    for o in objects:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    print("Config:", json.dumps(dataclasses.asdict(cfg), indent=1))
+    if args.fresh:
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+    if cfg.model_id == training.TINY_MODEL:
+        model.build_tiny_model(cfg.model_id)
+    checks = model.preflight(cfg.model_id)
+    if cfg.model_id != training.TINY_MODEL:
+        model.require(checks)
+
+    tokenizer = model.load_tokenizer(cfg.model_id, cfg.revision)
+    dataset, manifest = prepare_data(cfg, tokenizer)
+    val = dataset["validation"]
+    evals = {}
+
+    base, tokenizer = model.load_model(cfg.model_id, revision=cfg.revision)
+    if not args.skip_base_eval:
+        evals["base"] = evaluation.evaluate(base, tokenizer, val, f"{cfg.run_name}-base",
+                                            limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
+    peft_model = model.add_lora(base, model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                                        routed_experts=cfg.routed_experts))[0]
+    trainer = training.make_trainer(peft_model, tokenizer, training.training_split(dataset, cfg.train_limit), cfg)
+    record = training.train(trainer, cfg)
+    training.print_run_summary(record)
+    evals["adapter"] = evaluation.evaluate(peft_model, tokenizer, val, f"{cfg.run_name}-adapter",
+                                           limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
+    free(trainer, peft_model, base)
+
+    # The saved adapter, reloaded onto a fresh base, must give the same answers.
+    fresh, tokenizer = model.load_model(cfg.model_id, revision=cfg.revision)
+    reloaded = model.load_adapter(fresh, cfg.checkpoint_dir)
+    evals["reloaded"] = evaluation.evaluate(reloaded, tokenizer, val, f"{cfg.run_name}-reloaded",
+                                            limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
+    same = [p["pred"] for p in evals["reloaded"]["predictions"]] == [p["pred"] for p in evals["adapter"]["predictions"]]
+    print("Reloaded adapter gives the same answers:", same)
+
+    # Merging folds LoRA into the base weights: same model, no adapter overhead at inference.
+    merged = model.merge_adapter(reloaded)
+    evals["merged"] = evaluation.evaluate(merged, tokenizer, val, f"{cfg.run_name}-merged",
+                                          limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
+    if args.save_merged:
+        out = Path(cfg.output_root) / "merged" / cfg.run_name
+        model.merge_disk_check(out, merged)
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        print("Merged model saved to", out)
+
+    summary = {"run": cfg.run_name, "record": str(cfg.run_dir / "metrics.json"), "data_rows": manifest["rows"],
+               "reloaded_matches": same,
+               "merged_matches": [p["pred"] for p in evals["merged"]["predictions"]]
+               == [p["pred"] for p in evals["adapter"]["predictions"]],
+               **{f"{k}_accuracy": v["accuracy"] for k, v in evals.items()},
+               "tokens_per_second": record["steady_tokens_per_second"], "wall_seconds": record["wall_seconds"]}
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("Summary:", json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
