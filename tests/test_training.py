@@ -118,3 +118,15 @@ def test_killed_run_resumes_to_the_same_end_and_loss(repo, tiny_model_dir, sampl
     assert sorted(loss_a) == list(range(1, 9))                        # history continues across the kill
     for step in range(1, 9):  # equal up to CPU float32 run-to-run noise (~1e-4 relative)
         assert loss_a[step] == pytest.approx(loss_b[step], rel=2e-3), step
+
+
+def test_smoke_preset_runs_the_whole_pipeline(tmp_path):
+    """The README's first command: prepare, score, train, score, reload, merge, on the tiny model."""
+    import train
+    summary = train.main(["--preset", "smoke", "--set", f"output_root={tmp_path}", f"data_dir={tmp_path / 'fmt'}"])
+    assert summary["data_rows"]["train"] == 48 and summary["data_rows"]["validation"] == 16
+    assert summary["reloaded_matches"] and summary["merged_matches"]
+    assert summary["reloaded_accuracy"] == summary["adapter_accuracy"]
+    record = training.load_run_record(tmp_path / "runs" / "smoke")
+    assert record["steps"] == training.PRESETS["smoke"]["max_steps"] and record["tokens"] > 0
+    assert (tmp_path / "runs" / "smoke" / "summary.json").exists()
