@@ -63,10 +63,8 @@ def prepare_data(cfg, tokenizer):
                                 max_length=cfg.max_length, with_explanation=cfg.with_explanation, seed=cfg.seed)
 
 
-def free(*objects):
-    """Drop references and give memory back (the real model is 59 GiB: never hold two)."""
-    for o in objects:
-        del o
+def release_memory():
+    """Give freed memory back (call after `del`: the real model is 59 GiB, never hold two)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -100,7 +98,8 @@ def main(argv=None) -> dict:
     training.print_run_summary(record)
     evals["adapter"] = evaluation.evaluate(peft_model, tokenizer, val, f"{cfg.run_name}-adapter",
                                            limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
-    free(trainer, peft_model, base)
+    del trainer, peft_model, base
+    release_memory()
 
     # The saved adapter, reloaded onto a fresh base, must give the same answers.
     fresh, tokenizer = model.load_model(cfg.model_id, revision=cfg.revision)

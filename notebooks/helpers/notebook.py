@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
-TINY_MODEL_DIR = REPO_ROOT / "outputs" / "tiny-nemotron"
 
 
 def setting(name: str, default):

@@ -16,8 +16,9 @@ if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "qt", 
     matplotlib.use("Agg")  # headless (CI, train.py): draw to files only
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .data import LETTERS  # noqa: E402
+
 FIGURES_DIR = Path(__file__).resolve().parents[2] / "outputs" / "figures"
-LETTERS = ("A", "B", "C", "D")
 
 
 def _finish(fig, name: str, out_dir: str | Path | None = None) -> Path:

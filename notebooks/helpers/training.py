@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .model import TINY_MODEL_DIR
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = REPO_ROOT / "outputs"
 
@@ -73,7 +75,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-TINY_MODEL = str(OUTPUTS / "tiny-nemotron")
+TINY_MODEL = str(TINY_MODEL_DIR)
 # Presets for train.py (`--preset NAME`); anything can still be overridden with `--set key=value`.
 PRESETS = {
     # The real model on full MedMCQA, one epoch (an 80 GB GPU with the Mamba kernels).
