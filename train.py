@@ -3,7 +3,9 @@
     uv run python train.py --preset smoke        # offline: tiny model + shipped sample, CPU, ~2 minutes
     uv run python train.py --preset learn        # offline: the tiny model learns a synthetic task
     uv run python train.py                       # the real model on full MedMCQA (one 80 GB GPU)
+    uv run python train.py --fast                # the same, packed without padding (stage 5 fast path)
     uv run python train.py --set max_steps=500 learning_rate=1e-4
+    accelerate launch --config_file configs/ddp.yaml --num_processes 2 train.py   # 2 GPUs (configs/README.md)
 
 Steps: prepare data -> score the base model -> train LoRA (resuming from the last
 checkpoint) -> score the adapter -> reload it onto a fresh base and score again ->
@@ -24,8 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "notebooks"))
 
 import torch  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
-from helpers import data, evaluation, model, training  # noqa: E402
+from helpers import data, distributed, evaluation, model, training  # noqa: E402
 from helpers.notebook import resolve_path  # noqa: E402
 
 
@@ -37,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over")
     p.add_argument("--skip-base-eval", action="store_true", help="do not score the model before training")
     p.add_argument("--save-merged", action="store_true", help="also write the merged model (needs disk space)")
+    p.add_argument("--fast", action="store_true",
+                   help="stage 5 fast path: pack each step's rows into one micro-batch without padding (needs a "
+                        "CUDA GPU and the Mamba kernels; see helpers/fast.py and benchmarks/NOTES.md)")
     return p.parse_args(argv)
 
 
@@ -51,7 +57,11 @@ def config_from_args(args) -> training.TrainConfig:
             changes[key] = json.loads(value)
         except json.JSONDecodeError:
             changes[key] = value
-    return training.preset(args.preset, **changes)
+    cfg = training.preset(args.preset, **changes)
+    if getattr(args, "fast", False):  # same rows per optimizer step, packed into one micro-batch
+        from helpers.fast import fold_accumulation
+        cfg = fold_accumulation(cfg.replace(fast=True))
+    return cfg
 
 
 def prepare_data(cfg, tokenizer):
@@ -70,32 +80,63 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    cfg = config_from_args(args)
-    print("Config:", json.dumps(dataclasses.asdict(cfg), indent=1))
-    if args.fresh:
-        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
-    if cfg.model_id == training.TINY_MODEL:
-        model.build_tiny_model(cfg.model_id)
-    checks = model.preflight(cfg.model_id)
+def preflight(cfg):
+    """Check the GPU, disk and kernels; under FSDP each GPU needs only its share of the weights."""
+    checks = model.preflight(cfg.model_id, shards=distributed.world_size() if distributed.fsdp_enabled() else 1)
     if cfg.model_id != training.TINY_MODEL:
         model.require(checks)
 
-    tokenizer = model.load_tokenizer(cfg.model_id, cfg.revision)
-    dataset, manifest = prepare_data(cfg, tokenizer)
+
+def finish_sharded(cfg, record, manifest) -> dict:
+    """After FSDP training: the summary, without scores. No GPU holds the whole model, so scoring, reloading
+    and merging the saved adapter are left to a machine whose GPU does (notebook 03 from its scoring cells)."""
+    summary = {"run": cfg.run_name, "record": str(cfg.run_dir / "metrics.json"), "data_rows": manifest["rows"],
+               "adapter": str(cfg.checkpoint_dir), "processes": record["effective_batch"]["processes"],
+               "evaluation": "skipped under FSDP (the model is sharded over the GPUs): score the saved adapter on a "
+                             "GPU that holds the whole model (model.load_adapter + evaluation.evaluate)",
+               "tokens_per_second": record["steady_tokens_per_second"], "wall_seconds": record["wall_seconds"]}
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("Summary:", json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv=None) -> dict | None:
+    """The whole pipeline. Under `accelerate launch` every process trains; only the main one evaluates,
+    reloads, merges and writes the summary (the others return None once training is done)."""
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    distributed.init()  # several processes: join the group, claim GPU LOCAL_RANK (no-op for one process)
+    main_process = distributed.is_main_process()
+    if main_process:
+        print("Config:", json.dumps(dataclasses.asdict(cfg), indent=1))
+    with distributed.main_process_first():  # one process writes the shared files, the others then reuse them
+        if args.fresh and main_process:
+            shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+        if cfg.model_id == training.TINY_MODEL:
+            model.build_tiny_model(cfg.model_id)
+        preflight(cfg)
+        tokenizer = model.load_tokenizer(cfg.model_id, cfg.revision)
+        dataset, manifest = prepare_data(cfg, tokenizer)
     val = dataset["validation"]
     evals = {}
 
     base, tokenizer = model.load_model(cfg.model_id, revision=cfg.revision)
-    if not args.skip_base_eval:
+    sharded = distributed.fsdp_enabled()  # FSDP: the weights sit on the CPU until the Trainer shards them
+    if not args.skip_base_eval and not sharded and main_process:
         evals["base"] = evaluation.evaluate(base, tokenizer, val, f"{cfg.run_name}-base",
                                             limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
+    distributed.wait_for_everyone()  # the others wait while the main process scores the base model
+    set_seed(cfg.seed)  # the LoRA A matrices start random: the same seed gives the same start
     peft_model = model.add_lora(base, model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                         routed_experts=cfg.routed_experts))[0]
     trainer = training.make_trainer(peft_model, tokenizer, training.training_split(dataset, cfg.train_limit), cfg)
     record = training.train(trainer, cfg)
+    distributed.finish()  # no collective work is left: the other processes may exit now
+    if not main_process:
+        return None
     training.print_run_summary(record)
+    if sharded:
+        return finish_sharded(cfg, record, manifest)
     evals["adapter"] = evaluation.evaluate(peft_model, tokenizer, val, f"{cfg.run_name}-adapter",
                                            limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
     del trainer, peft_model, base
@@ -125,7 +166,8 @@ def main(argv=None) -> dict:
                "merged_matches": [p["pred"] for p in evals["merged"]["predictions"]]
                == [p["pred"] for p in evals["adapter"]["predictions"]],
                **{f"{k}_accuracy": v["accuracy"] for k, v in evals.items()},
-               "tokens_per_second": record["steady_tokens_per_second"], "wall_seconds": record["wall_seconds"]}
+               "tokens_per_second": record["steady_tokens_per_second"], "wall_seconds": record["wall_seconds"],
+               "processes": record["effective_batch"]["processes"]}
     (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("Summary:", json.dumps(summary, indent=1))
     return summary

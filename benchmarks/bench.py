@@ -13,11 +13,20 @@ benchmarks/results/; `--plot` and `--table` summarise all records in a folder.
     python benchmarks/bench.py --table benchmarks/results     # markdown table for the README
     python benchmarks/bench.py --arch tiny --steps 2 --warmup 1 --tokens-per-step 256   # CPU smoke run
 
+Several GPUs (one process each, through accelerate; --tokens-per-step is per GPU; one variant per launch):
+    accelerate launch --config_file configs/ddp.yaml --num_processes 2 benchmarks/bench.py --arch real
+    accelerate launch --config_file configs/fsdp.yaml --num_processes 2 benchmarks/bench.py --arch real
+    python benchmarks/bench.py --scaling benchmarks/results/scaling   # 1 vs N processes: speed-up, efficiency
+    bash benchmarks/scaling.sh OUT_DIR                                 # all of the above on a 2-GPU machine
+
 Variants (each runs in its own Python process; several --variant values run one after another):
   standard            helpers.model.add_lora + helpers.training.make_trainer (TRL SFTTrainer), Mamba kernels
   standard-nokernels  the same, with mamba_ssm / causal_conv1d hidden from transformers (reference PyTorch Mamba)
   unsloth             `import unsloth` first, then notebook 04's helpers.unsloth_path.load_model + add_lora
                       (FastLanguageModel.from_pretrained + get_peft_model), same SFTConfig
+  fast                the standard model and LoRA with TrainConfig(fast=True): padding-free packing with Mamba
+                      seq_idx (helpers/fast.py), one micro-batch per step, and --checkpointing POLICY
+                      (which block types recompute activations: all, none, or e.g. mamba,moe)
 """
 
 from __future__ import annotations
@@ -47,10 +56,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402  (torch may come before unsloth; transformers/trl/peft may not)
 
 from helpers import data as hdata  # noqa: E402  (no transformers import at module level)
+from helpers import distributed as hdist  # noqa: E402
 from helpers import model as hmodel  # noqa: E402
+from helpers import fast as hfast  # noqa: E402
 from helpers import training as htraining  # noqa: E402
 
-VARIANTS = ("standard", "standard-nokernels", "unsloth")
+VARIANTS = ("standard", "standard-nokernels", "unsloth", "fast")
 ARCHS = ("real", "slice8", "tiny")
 RESULTS = REPO / "benchmarks" / "results"
 FIND_MAX_BUDGETS = (2048, 4096, 8192, 16384, 32768)
@@ -112,9 +123,19 @@ def parse_args(argv=None):
     p.add_argument("--run-records", metavar="DIR",
                    help="also write DIR/<standard|unsloth>.json in helpers.training's run-record format (the last "
                         "budget that fitted), e.g. benchmarks/results/runs for notebook 04's offline comparison")
+    p.add_argument("--checkpointing", default="all",
+                   help="fast variant: block types that recompute activations (all, none, or e.g. mamba,moe)")
+    p.add_argument("--fast-features", default=None,
+                   help="fast variant: comma list of helpers.fast.FEATURES to use (default: helpers.fast.DEFAULT_FEATURES); "
+                        "the ablation drops or adds one at a time")
+    p.add_argument("--profile", action="store_true",
+                   help="profile 2 steps after warm-up of each budget with torch.profiler; the top CUDA kernels go "
+                        "to <out>/profile_<variant>_<budget>.txt")
     p.add_argument("--peak-tflops", type=float, help="card peak dense bf16 TFLOP/s (default: from the GPU name)")
     p.add_argument("--plot", metavar="DIR", help="draw DIR/benchmark.png from the JSON records in DIR and exit")
     p.add_argument("--table", metavar="DIR", help="print a markdown table of the JSON records in DIR and exit")
+    p.add_argument("--scaling", metavar="DIR", help="compare the records in DIR by process count (table + "
+                                                    "DIR/scaling.png) and exit")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -127,6 +148,12 @@ def main(argv=None):
     """Run the benchmark (or --plot / --table). Returns the list of records written (or the PNG path)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.scaling:
+        records = load_records(args.scaling)
+        print(scaling_table(records))
+        out = plot_scaling(records, Path(args.scaling) / "scaling.png")
+        print("Chart:", out)
+        return out
     if args.plot or args.table:
         out = None
         if args.table:
@@ -137,7 +164,12 @@ def main(argv=None):
         return out
     variants = list(dict.fromkeys(args.variant))
     if len(variants) == 1:
-        return [run_variant(args, variants[0], argv)]
+        record = run_variant(args, variants[0], argv)
+        hdist.finish()  # under accelerate launch: leave the process group before exiting
+        return [record]
+    if hdist.launched():
+        raise SystemExit("Under accelerate launch give one --variant: each variant needs fresh processes (the "
+                         "kernel choice and `import unsloth` are process-wide). Launch once per variant.")
     return run_variants_in_subprocesses(argv, variants)
 
 
@@ -194,12 +226,23 @@ def refuse_early(args, variant) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--variant unsloth needs a CUDA GPU: Unsloth does not run on CPU. Run the standard "
                              "variant on CPU (--arch tiny), or run this on a GPU machine.")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1 and not hdist.launched():
+        raise SystemExit(f"{torch.cuda.device_count()} GPUs are visible to this one process; the Trainer would wrap the "
+                         "model in nn.DataParallel, which SFTTrainer refuses. For one GPU run with "
+                         "CUDA_VISIBLE_DEVICES=0; for several, use accelerate launch (configs/ddp.yaml).")
+    if variant == "fast" and not torch.cuda.is_available():
+        raise SystemExit("--variant fast packs rows into one sequence, which only the fused Mamba kernels (CUDA) keep "
+                         "apart; run it on a GPU with mamba_ssm and causal_conv1d installed.")
     if args.arch != "tiny" and not args.model and not torch.cuda.is_available():
         raise SystemExit(f"--arch {args.arch} needs a CUDA GPU (its float32 weights would not fit in CPU memory); "
                          "use --arch tiny on CPU.")
     if variant == "standard-nokernels" and "transformers.models.nemotron_h.modeling_nemotron_h" in sys.modules:
         raise SystemExit("--variant standard-nokernels must start in a fresh Python process: transformers binds the "
                          "Mamba kernels once, when modeling_nemotron_h is first imported.")
+    if hdist.fsdp_enabled() and (variant != "standard" or args.model or args.find_max or len(args.tokens_per_step) > 1):
+        raise SystemExit("Under FSDP (configs/fsdp.yaml) the benchmark measures one budget of the random standard "
+                         "variant: one --tokens-per-step value, no --find-max or --model (FSDP shards the model in "
+                         "place, so it cannot be reset between budgets; the other variants are untested under FSDP).")
 
 
 def choose_mamba_kernels(variant: str) -> dict:
@@ -312,7 +355,22 @@ def arch_config(arch: str, vocab_size: int):
     return hmodel.nemotron_nano_config()
 
 
-def build_random_model(config, seed: int):
+def random_model_for_this_process(config, seed: int):
+    """The seeded random model where this process needs it: on its own GPU (one process, or DDP: each GPU holds
+    a whole copy), or, under FSDP, on the CPU, from where accelerate moves each GPU's shard over.
+
+    Under FSDP every process builds the same model (same seed) on its GPU (seconds) and moves it to the CPU, as
+    `from_pretrained` leaves it under configs/fsdp.yaml. Sharding a model that is already on the GPU would hold
+    the whole model and the shards at once (accelerate keeps the full state dict during `fully_shard`).
+    """
+    if not hdist.fsdp_enabled():
+        return build_random_model(config, seed)
+    model = build_random_model(config, seed).to("cpu")
+    free_memory()
+    return model
+
+
+def build_random_model(config, seed: int, device=None):
     """NemotronHForCausalLM with seeded random weights, built directly on the GPU in bf16 (CPU: float32).
 
     Same config + same seed -> the same weights in every process. The router's score-correction bias is kept
@@ -328,7 +386,7 @@ def build_random_model(config, seed: int):
     torch.manual_seed(seed)
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda" if cuda else "cpu"):
+        with torch.device(device or hdist.device()):  # under accelerate launch: this process's own GPU
             model = NemotronHForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
@@ -484,6 +542,47 @@ def probe_loss(model, rows: dict, pad_id: int, device) -> dict:
     return out
 
 
+def _row_losses(logits, labels) -> torch.Tensor:
+    """Mean next-token loss of one row (labels -100 ignored)."""
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100)
+
+
+def packed_probe_loss(model, rows: dict, pad_id: int, device) -> dict:
+    """The probe rows packed into one sequence (helpers.fast.PackedCollator): per-row losses vs each row alone.
+
+    Also without `seq_idx`, to show what the Mamba layers do when nobody tells them where rows end.
+    """
+    from helpers import fast
+
+    model.train()
+    examples = []
+    for ids, mask in zip(rows["input_ids"], rows["completion_mask"]):
+        examples.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    batch = {k: v.to(device) for k, v in fast.PackedCollator(pad_id)(examples).items()}
+    out = {}
+    with torch.no_grad():
+        alone = []
+        for ex in examples:
+            ids = torch.tensor([ex["input_ids"]], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[0]
+            alone.append(_row_losses(logits, torch.tensor(ex["labels"], device=device)).item())
+        for key, extra in (("", {"seq_idx": batch["seq_idx"]}), ("_without_seq_idx", {})):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                           **extra).logits[0]
+            start, diffs, losses = 0, [], []
+            for ex, ref in zip(examples, alone):
+                n = len(ex["input_ids"])
+                loss = _row_losses(logits[start:start + n], torch.tensor(ex["labels"], device=device)).item()
+                losses.append(loss)
+                diffs.append(abs(loss - ref))
+                start += n
+            out[f"row_losses{key}"] = [round(x, 5) for x in losses]
+            out[f"max_row_loss_diff{key}"] = max(diffs)
+        out["row_losses_alone"] = [round(x, 5) for x in alone]
+        out["loss"] = sum(out["row_losses"]) / len(alone)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Model + LoRA per variant
 # ----------------------------------------------------------------------------------------------
@@ -516,7 +615,7 @@ def load_variant_model(args, variant, tokenizer):
     else:
         config = arch_config(args.arch, len(tokenizer))
         _set_special_ids(config, tokenizer)
-        model = build_random_model(config, args.seed)
+        model = random_model_for_this_process(config, args.seed)
     if variant == "standard-nokernels":
         model.config.use_mamba_kernels = False  # recorded for readers; transformers 5.17 ignores it (see above)
     facts["load_seconds"] = round(time.perf_counter() - start, 1)
@@ -579,31 +678,39 @@ def is_oom(error: BaseException) -> bool:
 
 
 def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, args, workdir: Path, flops,
-               stack: str = "standard", routed_experts: bool = False) -> dict:
+               stack: str = "standard", routed_experts: bool = False) -> dict:  # noqa: C901
     """Train `warmup + steps` optimizer steps of ~`budget` tokens with SFTTrainer; figures, or status 'oom'."""
     from datasets import Dataset
 
-    rows_per_step = max(1, round(budget / dist["mean_tokens"]))
+    rows_per_step = max(1, round(budget / dist["mean_tokens"]))  # per process (= per GPU)
     total_steps = warmup + steps
-    rows = random_rows(dist["pairs"], rows_per_step * total_steps, model.config.vocab_size, [args.seed, budget])
+    processes = hdist.world_size()  # the Trainer splits the rows between the processes
+    rows = random_rows(dist["pairs"], rows_per_step * total_steps * processes, model.config.vocab_size,
+                       [args.seed, budget])
     cfg = htraining.TrainConfig(
         run_name=f"bench-{budget}", output_root=str(workdir), max_length=args.max_length,
         per_device_train_batch_size=rows_per_step, gradient_accumulation_steps=1, max_steps=total_steps,
-        logging_steps=1, seed=args.seed, routed_experts=routed_experts, gradient_checkpointing=True)
-    result = {"tokens_per_step_target": budget, "rows_per_step": rows_per_step, "steps": steps, "warmup": warmup}
+        logging_steps=1, seed=args.seed, routed_experts=routed_experts, gradient_checkpointing=True,
+        fast=stack == "fast", checkpointing=args.checkpointing if stack == "fast" else "all",
+        fast_features=args.fast_features if stack == "fast" else None)
+    result = {"tokens_per_step_target": budget, "rows_per_step": rows_per_step, "steps": steps, "warmup": warmup,
+              "processes": processes}
     saved_attrs = _instance_forwards(model)  # TRL (fused LM head) and accelerate (autocast) wrap `forward`
     trainer = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     error = None
+    memory = MemoryPhases()
     try:
         start = time.perf_counter()
-        trainer = htraining.make_trainer(model, tokenizer, Dataset.from_dict(rows), cfg, save_strategy="no",
-                                         report_to=[], disable_tqdm=True)
+        callbacks = [memory] + ([StepProfiler(args, stack, budget, warmup)] if args.profile else [])
+        trainer = htraining.make_trainer(model, tokenizer, Dataset.from_dict(rows), cfg, callbacks=callbacks,
+                                         save_strategy="no", report_to=[], disable_tqdm=True)
         result["trainer_init_seconds"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
         trainer.train()
         result["train_wall_seconds"] = round(time.perf_counter() - start, 2)
+        result["model_wrapper"] = type(trainer.model_wrapped).__name__  # DistributedDataParallel, FSDP..., or none
         timed = trainer.step_timer.steps
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         if args.run_records:
@@ -611,6 +718,8 @@ def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, arg
                                                          warmup)
             result["_run_record"]["benchmark_tokens_per_step"] = budget
     except Exception as e:  # noqa: BLE001 - OOM is a result; other errors are recorded, and fail the run at the end
+        if hdist.launched():  # the other processes would wait for this one forever: fail, and the launcher stops all
+            raise
         status = "oom" if is_oom(e) else "error"
         error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
         if status == "error":
@@ -619,7 +728,9 @@ def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, arg
     if error is not None:
         result.update(status=status, error=error)
     else:
-        steady = timed[warmup:] or timed
+        # profiled steps (and the one after, which pays for writing the table) are not steady-state steps
+        profiled = set(range(warmup, warmup + 3)) if args.profile else set()
+        steady = [s for i, s in enumerate(timed) if i >= warmup and i not in profiled] or timed
         sec = sum(s["seconds"] for s in steady)
         tokens = sum(s["tokens"] for s in steady)
         tps = tokens / sec if sec > 0 else 0.0
@@ -630,14 +741,16 @@ def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, arg
             tokens_per_step_mean=round(tokens / len(steady), 1),
             warmup_seconds=round(sum(s["seconds"] for s in timed[:warmup]), 2),
             first_step_seconds=round(timed[0]["seconds"], 2) if timed else None,
-            mfu=round(tps * flops["per_token"] / flops["peak"], 4) if flops["peak"] else None,
-            mfu_6n_active=round(tps * flops["per_token_6n_active"] / flops["peak"], 4) if flops["peak"] else None,
+            mfu=round(tps * flops["per_token"] / (flops["peak"] * processes), 4) if flops["peak"] else None,
+            mfu_6n_active=(round(tps * flops["per_token_6n_active"] / (flops["peak"] * processes), 4)
+                           if flops["peak"] else None),
             losses=[round(x, 4) for x in losses],
             step_times=[{"step": s["step"], "seconds": round(s["seconds"], 4), "tokens": s["tokens"]} for s in timed],
         )
     if torch.cuda.is_available():
-        result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+        result.update(memory.figures())
+    if hdist.launched():  # memory is per GPU: every process's figures (tokens/s above already count all of them)
+        result["per_process"] = hdist.gather_object({"rank": hdist.rank(), **memory.figures()})
     # Leave the model as we found it: forward wrappers off, no grads; the trainer (optimizer states) freed.
     _restore_forwards(saved_attrs)
     if trainer is not None:
@@ -658,6 +771,83 @@ def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, arg
 # ----------------------------------------------------------------------------------------------
 
 
+def MemoryPhases():
+    """A TrainerCallback that splits peak GPU memory into set-up (wrapping, FSDP sharding) and training.
+
+    `figures()`: peak_allocated/reserved_gib over the whole budget (as before), allocated_at_train_begin_gib
+    (what stays once the model is ready: the weights, or under FSDP this GPU's shard) and the training peaks.
+    """
+    from transformers import TrainerCallback
+
+    def gib(n):
+        return round(n / GIB, 2)
+
+    class _MemoryPhases(TrainerCallback):
+        setup: dict = {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                self.setup = {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated(),
+                              "reserved": torch.cuda.max_memory_reserved()}
+                torch.cuda.reset_peak_memory_stats()
+
+        def figures(self) -> dict:
+            if not torch.cuda.is_available():
+                return {}
+            train_peak, train_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            return {"peak_allocated_gib": gib(max(train_peak, self.setup.get("peak", 0))),
+                    "peak_reserved_gib": gib(max(train_reserved, self.setup.get("reserved", 0))),
+                    "allocated_at_train_begin_gib": gib(self.setup["allocated"]) if self.setup else None,
+                    "train_peak_allocated_gib": gib(train_peak) if self.setup else None,
+                    "train_peak_reserved_gib": gib(train_reserved) if self.setup else None}
+
+    return _MemoryPhases()
+
+
+def StepProfiler(args, label: str, budget: int, warmup: int):
+    """A TrainerCallback that profiles 2 optimizer steps after warm-up and writes the top CUDA kernels."""
+    from transformers import TrainerCallback
+
+    class _StepProfiler(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == warmup and self.prof is None:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, a, state, control, **kw):
+            if self.prof is not None and state.global_step == warmup + 2:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45,
+                                                       max_name_column_width=90)
+                out = Path(args.out) / f"profile_{label}-{args.checkpointing}_{args.arch}_{budget}.txt"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(table)
+                print(f"  profile of 2 steps -> {out}", flush=True)
+                self.prof = None
+
+    return _StepProfiler()
+
+
+def launch_command() -> str:
+    """How this run was started, for the record: plain python, or accelerate launch with N processes."""
+    if not hdist.launched():
+        return "python"
+    return f"accelerate launch --num_processes {hdist.world_size()} ({'FSDP' if hdist.fsdp_enabled() else 'DDP'})"
+
+
+def distributed_facts() -> dict:
+    """Processes, how the model is spread over them, and the launcher settings that matter for speed."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(("FSDP_", "NCCL_")) or k == "ACCELERATE_MIXED_PRECISION"}
+    mode = ("fsdp" if hdist.fsdp_enabled() else "ddp") if hdist.launched() else "single"
+    return {"processes": hdist.world_size(), "mode": mode, "tokens_per_step_is": "per process (per GPU)",
+            "tokens_per_second_is": "all processes together", "memory_is": "per GPU (budgets[].per_process)",
+            "environment": env}
+
+
 def run_variant(args, variant: str, argv) -> dict:
     refuse_early(args, variant)
     started = time.perf_counter()
@@ -666,8 +856,10 @@ def run_variant(args, variant: str, argv) -> dict:
         import unsloth  # noqa: F401  (must precede transformers / trl / peft)
     import transformers  # noqa: F401
 
+    hdist.init()  # under accelerate launch: join the process group, claim GPU LOCAL_RANK (one process: nothing)
+    sharded = hdist.fsdp_enabled()  # FSDP: the model waits on the CPU until the Trainer shards it
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = hdist.device()
     gpu = gpu_info()
     tokenizer = bench_tokenizer(args.model)
     kernels_static = _kernel_status()  # read the import-time binding before MambaPathCounter wraps the ops
@@ -694,8 +886,16 @@ def run_variant(args, variant: str, argv) -> dict:
 
         probe = random_rows(dist["pairs"], PROBE_ROWS, model.config.vocab_size, [args.seed, 7919])
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        first = probe_loss(model, probe, pad_id, device)
-        print(f"First-batch loss: {first['loss']:.4f} ({first['tokens']} tokens)", flush=True)
+        if sharded:
+            first = {"loss": None, "skipped": "FSDP: the model is on the CPU (and sharded later), not probed"}
+        else:
+            first = probe_loss(model, probe, pad_id, device)
+            print(f"First-batch loss: {first['loss']:.4f} ({first['tokens']} tokens)", flush=True)
+        packed_first = packed_probe_loss(model, probe, pad_id, device) if variant == "fast" and not sharded else None
+        if packed_first:
+            print(f"First-batch loss, packed into one row: {packed_first['loss']:.4f} (per-row max |diff| vs padded "
+                  f"{packed_first['max_row_loss_diff']:.2e}; without seq_idx {packed_first['max_row_loss_diff_without_seq_idx']:.2e})",
+                  flush=True)
 
         # LoRA step = forward 2N + backward to activations 2N (frozen weights: no weight gradients) + recompute 2N
         # (gradient checkpointing). N = matmul parameters active per token: not the embedding table (a lookup);
@@ -709,10 +909,11 @@ def run_variant(args, variant: str, argv) -> dict:
         budgets = FIND_MAX_BUDGETS if args.find_max else args.tokens_per_step
         steps, warmup = (2, 1) if args.find_max else (args.steps, args.warmup)
         results, largest = [], None
-        snapshot = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        snapshot = {} if sharded else {n: p.detach().to("cpu", copy=True)  # FSDP: one budget, nothing to reset
+                                       for n, p in model.named_parameters() if p.requires_grad}
         for budget in budgets:
             results.append(run_budget(model, tokenizer, dist, budget, steps, warmup, args, workdir, flops,
-                                      stack="unsloth" if variant == "unsloth" else "standard",
+                                      stack=variant if variant in ("unsloth", "fast") else "standard",
                                       routed_experts=trainable["lora_on_routed_experts"]))
             with torch.no_grad():  # the next budget starts from the same LoRA weights (B = 0)
                 for n, p in model.named_parameters():
@@ -729,10 +930,15 @@ def run_variant(args, variant: str, argv) -> dict:
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "variant": variant,
             "routed_experts": args.routed_experts if variant != "unsloth" else trainable["lora_on_routed_experts"],
+            "fast": {"features": sorted(hfast.parse_features(args.fast_features)), "checkpointing": args.checkpointing,
+                     "packed_first_batch": packed_first}
+            if variant == "fast" else None,
             "arch": "model" if args.model else args.arch,
             "model_path": args.model,
             "weights": "checkpoint" if args.model else f"random (torch.manual_seed({args.seed}))",
-            "command": "python benchmarks/bench.py " + " ".join(argv),
+            "command": launch_command() + " benchmarks/bench.py " + " ".join(argv),
+            "processes": hdist.world_size(),
+            "distributed": distributed_facts(),
             "gpu": gpu,
             "peak_flops": peak,
             "versions": htraining.library_versions(),
@@ -770,6 +976,8 @@ def run_variant(args, variant: str, argv) -> dict:
     finally:
         counter.restore()
         shutil.rmtree(workdir, ignore_errors=True)
+    if not hdist.is_main_process():  # several processes: the main one writes the record (all figures gathered)
+        return record
     if record["mamba"]["path_matches_variant"] is False:
         print(f"WARNING: variant {variant} ran the Mamba path '{record['mamba']['path_that_ran']}'", flush=True)
     path = write_record(record, Path(args.out), args.find_max)
@@ -801,8 +1009,16 @@ def _slug(text: str) -> str:
 def write_record(record: dict, out: Path, find_max: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     variant = record["variant"] + ("-experts" if record["routed_experts"] else "")
+    if record.get("fast"):
+        variant += "-" + "+".join(record["fast"].get("features", [])) + "-ckpt-" + record["fast"]["checkpointing"].replace(",", "+")
     name = f"{record['date'][:10]}_{_slug(record['gpu']['name'])}_{variant}_{record['arch']}"
+    if _processes(record) > 1:  # 1-GPU and N-GPU runs of the same variant must not overwrite each other
+        name += f"_{_processes(record)}x{record['distributed']['mode']}"
     path = out / f"{name}{'_findmax' if find_max else ''}.json"
+    n = 2
+    while path.exists():  # several runs of one configuration on one day: keep them all
+        path = out / f"{name}{'_findmax' if find_max else ''}_{n}.json"
+        n += 1
     path.write_text(json.dumps(record, indent=1, default=str))
     record["path"] = str(path)
     return path
@@ -826,9 +1042,18 @@ def load_records(folder) -> list[dict]:
     return sorted(records, key=lambda r: (r["arch"], r["gpu"]["name"], _label(r), r["date"]))
 
 
-def _label(record) -> str:
+def _label(record, with_processes: bool = True) -> str:
     experts = "+experts" if record.get("routed_experts") else ""
-    return f"{record['variant']}{experts}"
+    policy = (f" ({'+'.join(record['fast'].get('features', []))}; checkpointing {record['fast']['checkpointing']})"
+              if record.get("fast") else "")
+    procs = f" x{_processes(record)} {record['distributed']['mode'].upper()}" if _processes(record) > 1 else ""
+    procs = procs if with_processes else ""
+    return f"{record['variant']}{experts}{policy}{procs}"
+
+
+def _processes(record) -> int:
+    """How many processes (GPUs) a record ran on; records from before stage 6 ran on one."""
+    return record.get("processes", 1)
 
 
 def _fmt(value, spec="", none="-"):
@@ -855,6 +1080,87 @@ def markdown_table(records) -> str:
                 f"{_fmt(b.get('mfu'), '.1%') if ok else '-'} | {_fmt(r.get('first_batch_loss'), '.4f')} | "
                 f"{_millions(r.get('trainable_parameters'))} | {r['gpu']['name']} | {r['date'][:10]} |")
     return "\n".join(lines)
+
+
+def scaling_rows(records) -> list[dict]:
+    """Each budget of each record next to the one-process run of the same variant, arch, GPU and tokens/step
+    per GPU: speed-up = tokens/s / one-process tokens/s; efficiency = speed-up / processes (1.0 = linear)."""
+    rows, base = [], {}
+    for r in sorted(records, key=lambda r: r["date"]):  # the newest one-process record is the baseline
+        for b in r["budgets"]:
+            key = (r["arch"], r["gpu"]["name"], r["variant"], bool(r.get("routed_experts")),
+                   (r.get("fast") or {}).get("checkpointing"), b["tokens_per_step_target"])
+            if _processes(r) == 1 and b.get("status") == "ok":
+                base[key] = b["steady_tokens_per_second"]
+            rows.append({"key": key, "record": r, "budget": b})
+    for row in rows:
+        tps, one = row["budget"].get("steady_tokens_per_second"), base.get(row["key"])
+        n = _processes(row["record"])
+        row["speedup"] = tps / one if tps and one else None
+        row["efficiency"] = row["speedup"] / n if row["speedup"] else None
+        per_process = row["budget"].get("per_process") or [row["budget"]]
+        peaks = [p.get("train_peak_allocated_gib") or p.get("peak_allocated_gib") for p in per_process]
+        row["peak_gib_per_gpu"] = max((x for x in peaks if x is not None), default=None)
+    return sorted(rows, key=lambda x: (x["key"][:-1], x["key"][-1], _processes(x["record"]), x["record"]["date"]))
+
+
+def scaling_table(records) -> str:
+    """Markdown: tokens/s at 1 and N processes, speed-up and efficiency against the one-process run."""
+    lines = ["| variant | arch | tokens/step per GPU | GPUs | mode | tokens/s (all GPUs) | tokens/s per GPU | "
+             "speed-up | efficiency | peak GiB per GPU | GPU | date |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]
+    for row in scaling_rows(records):
+        r, b, n = row["record"], row["budget"], _processes(row["record"])
+        tps = b.get("steady_tokens_per_second") if b.get("status") == "ok" else None
+        lines.append(
+            f"| {_label(r, with_processes=False)} | {r['arch']} | {b['tokens_per_step_target']:,} | {n} | "
+            f"{(r.get('distributed') or {}).get('mode', 'single')} | "
+            f"{_fmt(tps, ',.0f') if tps else b.get('status', '?').upper()} | {_fmt(tps and tps / n, ',.0f')} | "
+            f"{_fmt(row['speedup'], '.2f')}{'x' if row['speedup'] else ''} | {_fmt(row['efficiency'], '.0%')} | {_fmt(row['peak_gib_per_gpu'], '.1f')} "
+            f"| {r['gpu']['name']} | {r['date'][:10]} |")
+    return "\n".join(lines)
+
+
+def plot_scaling(records, out_path) -> Path:
+    """Bars of tokens/s by process count (hatched: linear scaling from one process), speed-up on each bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in scaling_rows(records) if row["budget"].get("status") == "ok"]
+    if not rows:
+        raise SystemExit("No benchmark records to compare.")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 4.4))
+    for x, row in enumerate(rows):
+        r, n = row["record"], _processes(row["record"])
+        tps = row["budget"]["steady_tokens_per_second"]
+        ax.bar(x, tps, width=0.6, color=plt.cm.tab10(min(n, 9) - 1))
+        if row["speedup"] and n > 1:
+            ax.bar(x, tps / row["speedup"] * n, width=0.6, fill=False, hatch="//", edgecolor="grey", zorder=3)
+        note = f"{row['speedup']:.2f}x ({row['efficiency']:.0%})" if row["speedup"] and n > 1 else "baseline"
+        mem = f"\n{row['peak_gib_per_gpu']:.0f} GiB/GPU" if row["peak_gib_per_gpu"] else ""
+        ax.text(x, tps, note + mem, ha="center", va="bottom", fontsize=8)
+    labels = [f"{row['record']['variant']}\n{_processes(row['record'])} GPU "
+              f"{(row['record'].get('distributed') or {}).get('mode', 'single')}\n"
+              f"{row['record']['arch']}, {row['budget']['tokens_per_step_target']:,}/GPU" for row in rows]
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("steady tokens/s, all GPUs (non-padding)")
+    ax.set_ylim(0, max(row["budget"]["steady_tokens_per_second"] for row in rows) * 1.35)
+    ax.set_title(f"LoRA data-parallel scaling, random weights - {rows[0]['record']['gpu']['name']}\n"
+                 "(hatched: linear scaling from one GPU)", fontsize=10)
+    return _save_figure(fig, out_path)
+
+
+def _save_figure(fig, out_path) -> Path:
+    """Write a matplotlib figure as PNG (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
 
 
 def plot_records(records, out_path) -> Path:
@@ -900,12 +1206,7 @@ def plot_records(records, out_path) -> Path:
         ax.set_title(f"{arch} - {gpu}", fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle("LoRA fine-tuning speed, random weights (label: peak GPU memory allocated)", fontsize=10)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save_figure(fig, out_path)
 
 
 if __name__ == "__main__":

@@ -130,3 +130,15 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path):
     record = training.load_run_record(tmp_path / "runs" / "smoke")
     assert record["steps"] == training.PRESETS["smoke"]["max_steps"] and record["tokens"] > 0
     assert (tmp_path / "runs" / "smoke" / "summary.json").exists()
+
+
+def test_learning_is_visible_on_the_synthetic_task(tmp_path):
+    """`--preset learn`, through train.main: the tiny model learns the code-word rule (chance is 25%)."""
+    import train
+    summary = train.main(["--preset", "learn", "--set", f"output_root={tmp_path}", f"data_dir={tmp_path / 'syn'}"])
+    assert summary["base_accuracy"] < 0.45, summary       # the random model guesses
+    assert summary["adapter_accuracy"] > 0.6, summary     # the trained adapter knows the rule
+    assert summary["reloaded_matches"] and summary["merged_matches"]
+    assert summary["reloaded_accuracy"] == summary["merged_accuracy"] == summary["adapter_accuracy"]
+    record = training.load_run_record(tmp_path / "runs" / "learn")
+    assert record["steps"] == training.PRESETS["learn"]["max_steps"]

@@ -308,17 +308,18 @@ def _check_kernels(need_gib) -> Check:
 
 
 def preflight(
-    model_id=DEFAULT_MODEL_ID, need_gib=None, disk_path=".", need_disk_gib=None, merge=False
+    model_id=DEFAULT_MODEL_ID, need_gib=None, disk_path=".", need_disk_gib=None, merge=False, shards=1
 ) -> list[Check]:
     """Check GPU memory, disk space and Mamba kernels before spending an hour on a download.
 
+    `shards`: FSDP over that many GPUs, so each GPU needs only its share of the weights.
     Prints one line per check and returns them; never raises. Pass the list to `require`.
     """
     model_id = str(model_id)
     need_gib = estimate_weights_gib(model_id) if need_gib is None else need_gib
     checks = []
     for name, check, args in [
-        ("GPU", _check_gpu, (need_gib,)),
+        ("GPU", _check_gpu, (need_gib / shards if need_gib is not None else None,)),
         ("disk", _check_disk, (model_id, need_gib, disk_path, need_disk_gib, merge)),
         ("Mamba kernels", _check_kernels, (need_gib,)),
     ]:
@@ -360,6 +361,20 @@ def load_tokenizer(model_id=DEFAULT_MODEL_ID, revision=None):
     return tokenizer
 
 
+def default_device_map():
+    """Where `load_model` puts the weights on a GPU machine: all on this process's GPU.
+
+    One process: the current GPU. Under `accelerate launch` (one process per GPU): `cuda:LOCAL_RANK`, so
+    each process holds its own full copy ("auto" would split one copy over every GPU). Under FSDP: None,
+    i.e. load on the CPU; accelerate then moves each GPU's shard over, so no GPU holds the whole model.
+    """
+    from . import distributed
+
+    if distributed.fsdp_enabled():
+        return None
+    return {"": distributed.local_rank() if distributed.launched() else torch.cuda.current_device()}
+
+
 def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=None, attn_implementation=None):
     """Load a NemotronH model and its tokenizer with transformers' built-in code (no remote code).
 
@@ -378,7 +393,7 @@ def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=
     on_gpu = torch.cuda.is_available()
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     if device_map is None and on_gpu:
-        device_map = {"": torch.cuda.current_device()}  # all on one GPU: fail loudly, never offload
+        device_map = default_device_map()  # all on this process's GPU: fail loudly, never offload
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .model import TINY_MODEL_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +51,9 @@ class TrainConfig:
     max_steps: int = -1                   # > 0 overrides num_train_epochs
     weight_decay: float = 0.0
     gradient_checkpointing: bool = True
+    fast: bool = False                    # stage 5: padding-free packing + checkpointing policy (CUDA + Mamba kernels)
+    checkpointing: str = "all"            # fast path: block types that recompute ("all", "none", "mamba,moe", ...)
+    fast_features: str | None = None      # fast path pieces (None: helpers.fast.DEFAULT_FEATURES)
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 200
@@ -85,12 +90,17 @@ PRESETS = {
                   data_dir=str(REPO_ROOT / "data" / "smoke_formatted"), max_length=512, max_steps=12,
                   per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
                   logging_steps=2, save_steps=6, eval_batch_size=8),
-    # Offline, CPU: the tiny model learns the synthetic code-word task (accuracy well above 25%).
+    # Offline, CPU, ~30 s of training: the tiny model learns the synthetic code-word task (~25% -> 100%).
+    # Why 200 steps: the random tiny model's frozen output layer (lm_head, std 0.02, after an RMSNorm) can raise
+    # a letter's logit by only ~1.3 nats, so the loss falls just from 7.6 to ~6.5 even at 100% accuracy, and
+    # knowing the rule beats "always guess one letter" by only ~0.6 nats. That weak signal first teaches the
+    # letter marginal (60 steps: "always C", 25%); the rule itself appears after ~80-120 steps, all at once.
+    # A learning rate of 2e-2 stalls on the marginal; 5e-3 with cosine decay learns it for every seed tried.
     "learn": dict(run_name="learn", model_id=TINY_MODEL, data_source="synthetic",
                   data_dir=str(REPO_ROOT / "data" / "synthetic_formatted"), max_length=128,
-                  with_explanation=False, max_steps=60, per_device_train_batch_size=16,
+                  with_explanation=False, max_steps=200, per_device_train_batch_size=16,
                   gradient_accumulation_steps=1, learning_rate=5e-3, warmup_ratio=0.05,
-                  logging_steps=5, save_steps=30, eval_batch_size=32),
+                  logging_steps=10, save_steps=100, eval_batch_size=32),
 }
 
 
@@ -99,6 +109,16 @@ def preset(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
     return TrainConfig(**PRESETS[name]).replace(**overrides)
+
+
+def cpu_processes_args() -> dict:
+    """TrainingArguments that let several CPU-only processes train together (the CI test); {} otherwise.
+
+    Without a GPU the Trainer runs each launched process on its own unless told to use the CPU, with gloo.
+    """
+    if torch.cuda.is_available() or not distributed.launched():
+        return {}
+    return {"use_cpu": True, "ddp_backend": "gloo"}
 
 
 def sft_config(cfg: TrainConfig, **overrides):
@@ -128,7 +148,8 @@ def sft_config(cfg: TrainConfig, **overrides):
         data_seed=cfg.seed,
         # --- memory
         bf16=on_gpu,                                   # bf16 on GPU; fp32 on CPU (tiny model)
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        # recompute activations in backward; under FSDP with `fsdp_activation_checkpointing: true` FSDP does it
+        gradient_checkpointing=cfg.gradient_checkpointing and not distributed.fsdp_activation_checkpointing(),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # --- bookkeeping
         logging_steps=cfg.logging_steps,
@@ -140,6 +161,10 @@ def sft_config(cfg: TrainConfig, **overrides):
         include_num_input_tokens_seen="non_padding",   # count real tokens, not padding
         dataloader_num_workers=0,
         disable_tqdm=False,                            # the progress bar
+        # --- several processes (accelerate launch, see helpers/distributed.py and configs/)
+        ddp_find_unused_parameters=False,              # every LoRA weight gets a gradient each step: skip the search
+        ddp_broadcast_buffers=False,                   # the only buffers (router biases) never change
+        **cpu_processes_args(),
     )
     args.update(overrides)
     return SFTConfig(**args)
@@ -231,8 +256,21 @@ def make_trainer(model, tokenizer, train_dataset, cfg: TrainConfig, callbacks=()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(cfg.run_dir / "tensorboard")
     timer = StepTimer()
+    collator, callbacks = None, [timer, *callbacks]
+    if cfg.fast:  # stage 5: pack each micro-batch into one row (see helpers/fast.py)
+        from . import fast
+        features = fast.parse_features(cfg.fast_features)
+        if "packing" in features:
+            fast.require_packing_support(model, allow_state_leak=cfg.extra.get("allow_state_leak", False))
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            collator = fast.PackedCollator(pad_id, fast.ROUND_TO if "round_lengths" in features else None)
+        if "lean_experts" in features:
+            fast.use_lean_experts(model)
+        if "fused_norms" in features:
+            fast.use_fused_norms(model)
+        callbacks.append(fast.CheckpointPolicy(cfg.checkpointing))
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **sft_overrides), train_dataset=train_dataset,
-                         processing_class=tokenizer, callbacks=[timer, *callbacks])
+                         processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
     trainer.step_timer = timer
     return trainer
 
@@ -246,18 +284,55 @@ def last_checkpoint(cfg: TrainConfig) -> str | None:
 def train(trainer, cfg: TrainConfig, resume: bool = True, stack: str = "standard",
           warmup_steps_excluded: int = 1) -> dict:
     """Train (resuming from the last checkpoint if any), save the adapter, write the run record."""
+    stack = "fast" if cfg.fast and stack == "standard" else stack
     checkpoint = last_checkpoint(cfg) if resume else None
-    if checkpoint:
+    main = distributed.is_main_process()  # several processes (accelerate launch): only one prints and writes
+    if checkpoint and main:
         print(f"Resuming from {checkpoint}")
+    if main:
+        print_batch_plan(batch_plan(trainer))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
-    trainer.save_model(str(cfg.checkpoint_dir))  # the adapter + tokenizer, next to the checkpoints
+    trainer.save_model(str(cfg.checkpoint_dir))  # the adapter + tokenizer (every process calls it; one writes)
     record = run_record(trainer, cfg, wall, stack, checkpoint, warmup_steps_excluded)
-    save_run_record(record, cfg.run_dir)
+    if main:
+        save_run_record(record, cfg.run_dir)
     return record
+
+
+def batch_plan(trainer) -> dict:
+    """Rows per optimizer step over all processes, the learning rate, and how many steps the run will take.
+
+    Each of N processes (one per GPU) takes `per_device` rows per micro-batch and accumulates A micro-batches;
+    DDP then averages the gradients of all processes once: effective batch = N x per_device x A rows per step.
+    The data is split N ways, so an epoch has about N times fewer steps. The learning rate is used as set,
+    not scaled with N (configs/README.md says why, and how to keep the one-GPU batch instead).
+    """
+    args = trainer.args
+    processes = max(args.world_size, 1)
+    steps = args.max_steps
+    if steps <= 0:  # the Trainer's own count: micro-batches per process -> optimizer steps per epoch -> epochs
+        micro = math.ceil(math.ceil(len(trainer.train_dataset) / args.per_device_train_batch_size) / processes)
+        steps = math.ceil(args.num_train_epochs * max(math.ceil(micro / args.gradient_accumulation_steps), 1))
+    return {"processes": processes, "per_device": args.per_device_train_batch_size,
+            "gradient_accumulation": args.gradient_accumulation_steps,
+            "rows_per_step": processes * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "learning_rate": args.learning_rate, "planned_steps": steps}
+
+
+def print_batch_plan(plan: dict) -> None:
+    """One line at the start of training: N processes x per-device B x accumulation A = effective batch E."""
+    n, accumulation = plan["processes"], plan["gradient_accumulation"]
+    hint = ""
+    if n > 1 and accumulation % n == 0:
+        hint = (f"; for the one-process batch of {plan['rows_per_step'] // n} rows: "
+                f"--set gradient_accumulation_steps={accumulation // n}")
+    print(f"{n} process{'es' if n > 1 else ''} x per-device {plan['per_device']} x accumulation {accumulation} = "
+          f"effective batch {plan['rows_per_step']} rows/step; learning rate {plan['learning_rate']:g} (as set, not "
+          f"scaled with the process count); {plan['planned_steps']} optimizer steps{hint}", flush=True)
 
 
 def library_versions() -> dict:
@@ -294,7 +369,7 @@ def run_record(trainer, cfg: TrainConfig, wall: float, stack: str, resumed_from,
     world = max(getattr(args, "world_size", 1), 1)
     losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {
+    record = {
         "run_name": cfg.run_name, "stack": stack, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "resumed_from": resumed_from, "wall_seconds": round(wall, 2),
         "steps": state.global_step, "samples": state.global_step * args.per_device_train_batch_size
@@ -310,8 +385,22 @@ def run_record(trainer, cfg: TrainConfig, wall: float, stack: str, resumed_from,
         "loss_history": losses, "step_times": steps,
         "hardware": hardware(), "versions": library_versions(), "config": dataclasses.asdict(cfg),
         "effective_batch": {"per_device": args.per_device_train_batch_size,
-                            "gradient_accumulation": args.gradient_accumulation_steps, "processes": world},
+                            "gradient_accumulation": args.gradient_accumulation_steps, "processes": world,
+                            "rows_per_step": world * args.per_device_train_batch_size * args.gradient_accumulation_steps},
     }
+    if distributed.launched():  # a collective: under several processes every process must call run_record
+        record["hardware"]["per_process"] = distributed.gather_object(process_memory())
+    return record
+
+
+def process_memory() -> dict:
+    """This process's rank, device and peak GPU memory (GiB), for the per-GPU line of the run record."""
+    gib = 2 ** 30
+    out = {"rank": distributed.rank(), "device": str(distributed.device())}
+    if torch.cuda.is_available():
+        out |= {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2)}
+    return out
 
 
 def save_run_record(record: dict, run_dir: Path) -> Path:
@@ -341,6 +430,11 @@ def print_run_summary(record: dict) -> None:
     hw = record["hardware"]
     mem = f", peak GPU memory {hw['peak_allocated_gib']} GiB allocated / {hw['peak_reserved_gib']} GiB reserved" \
         if hw.get("gpu_name") else " (CPU)"
+    batch = record.get("effective_batch", {})
+    if batch.get("processes", 1) > 1:  # tokens and samples are totals over all processes; memory is per GPU
+        peaks = [p.get("peak_allocated_gib") for p in hw.get("per_process", [])]
+        mem = (f" on {batch['processes']} processes (effective batch {batch.get('rows_per_step')} rows/step"
+               + (f", peak GPU memory per process {peaks} GiB allocated)" if any(peaks) else ", CPU)"))
     print(f"{record['run_name']} [{record['stack']}]: {record['steps']} steps, {record['samples']} samples, "
           f"{record['tokens']:,} tokens in {record['wall_seconds']:.0f} s -> {record['steady_tokens_per_second']:,.0f} "
           f"tokens/s steady (first step {record['first_step_seconds']} s){mem}; final loss {record['final_loss']}")

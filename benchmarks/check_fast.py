@@ -1,0 +1,232 @@
+"""Is the fast path the same training as the standard one? Loss, per-row loss, LoRA gradients, loss curve.
+
+    python benchmarks/check_fast.py --arch slice8 --out benchmarks/results     # GPU, real widths, random weights
+    python benchmarks/check_fast.py --arch full --out benchmarks/results       # GPU, all 52 layers
+
+On identical rows it compares the standard batch (padded, attention mask) with the fast batch (packed into
+one row, position_ids + Mamba seq_idx, helpers.fast.PackedCollator):
+  * the loss through the trainer's own `compute_loss` (TRL's fused LM head on GPU),
+  * every row's loss, alone vs inside the packed row (and packed WITHOUT seq_idx, to show the Mamba leak),
+  * the gradient of every LoRA tensor (LoRA B is set to small random values first, so A gets a gradient too),
+  * a short training run through `make_trainer` + `trainer.train()`: loss at every step, both paths.
+The same functions run in the CPU tests on a tiny attention + MoE model (no Mamba, so packing is exact there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "notebooks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import torch  # noqa: E402
+
+from helpers import fast, training  # noqa: E402
+
+
+def lora_parameters(model) -> dict:
+    """The trainable (LoRA) tensors by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def randomize_lora_b(model, seed: int = 0, std: float = 0.02) -> None:
+    """LoRA B starts at zero, which makes every A gradient zero; give B small random values to test A too."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora_parameters(model).items():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.device, p.dtype))
+
+
+def loss_and_grads(trainer, model, batch) -> tuple[float, dict]:
+    """Loss from the trainer's own compute_loss on `batch`, and every LoRA gradient (float32 copies)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {n: (p.grad.detach().float().clone() if p.grad is not None else None)
+             for n, p in lora_parameters(model).items()}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def _row_loss(logits, labels) -> float:
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100).item()
+
+
+def per_row_losses(model, examples, pad_id: int) -> dict:
+    """Each row's loss alone, inside the packed row, and inside the packed row without seq_idx."""
+    device = next(model.parameters()).device
+    model.train()
+    packed = {k: v.to(device) for k, v in fast.PackedCollator(pad_id)(examples).items()}
+    out = {"alone": [], "packed": [], "packed_without_seq_idx": []}
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex["input_ids"]], device=device)
+            out["alone"].append(_row_loss(model(input_ids=ids, use_cache=False).logits[0],
+                                          torch.tensor(ex["labels"], device=device)))
+        for key, extra in (("packed", {"seq_idx": packed["seq_idx"]}), ("packed_without_seq_idx", {})):
+            logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
+                           **extra).logits[0]
+            start = 0
+            for ex in examples:
+                n = len(ex["input_ids"])
+                out[key].append(_row_loss(logits[start:start + n], torch.tensor(ex["labels"], device=device)))
+                start += n
+    for key in ("packed", "packed_without_seq_idx"):
+        out[f"max_abs_diff_{key}"] = max(abs(a - b) for a, b in zip(out[key], out["alone"]))
+    return out
+
+
+def compare_grads(a: dict, b: dict) -> dict:
+    """Relative error ||a - b|| / ||b|| per LoRA tensor: the worst, the median, and tensors without a gradient."""
+    errors, missing = {}, []
+    for name in b:
+        if a[name] is None or b[name] is None:
+            missing.append(name)
+            continue
+        denom = b[name].norm().item()
+        errors[name] = (a[name] - b[name]).norm().item() / denom if denom > 0 else (a[name].norm().item())
+    values = sorted(errors.values())
+    worst = max(errors, key=errors.get) if errors else None
+    return {"tensors": len(b), "without_grad": missing, "max_rel_error": values[-1] if values else None,
+            "median_rel_error": values[len(values) // 2] if values else None, "worst_tensor": worst}
+
+
+@contextlib.contextmanager
+def fast_experts(model, cfg):
+    """Inside: the routed experts run the fast path's implementation if cfg's features ask for it; after: as before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = base.config._experts_implementation
+    if "lean_experts" in fast.parse_features(cfg.fast_features):
+        fast.use_lean_experts(model)
+    try:
+        yield
+    finally:
+        base.config._experts_implementation = previous
+
+
+def tokenized_examples(trainer, n: int) -> list[dict]:
+    """The first `n` rows as the trainer tokenized them (input_ids + labels, completion-only)."""
+    rows = [trainer.train_dataset[i] for i in range(min(n, len(trainer.train_dataset)))]
+    return [{"input_ids": r["input_ids"], "labels": r.get("labels", r["input_ids"])} for r in rows]
+
+
+def training_curves(model, tokenizer, dataset, cfg, steps: int) -> dict:
+    """Train `steps` steps on the standard path, reset LoRA, train the same steps fast; losses per step."""
+    from bench import _instance_forwards, _restore_forwards
+
+    snapshot = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    curves = {}
+    for name, is_fast in (("standard", False), ("fast", True)):
+        with torch.no_grad():
+            for n, p in lora_parameters(model).items():
+                p.copy_(snapshot[n])
+        saved = _instance_forwards(model)
+        run = cfg.replace(run_name=f"check-{name}", fast=is_fast, max_steps=steps, logging_steps=1,
+                          gradient_accumulation_steps=1)
+        trainer = training.make_trainer(model, tokenizer, dataset, run, save_strategy="no", report_to=[],
+                                        disable_tqdm=True)
+        with fast_experts(model, run if is_fast else run.replace(fast_features="")):
+            trainer.train()
+        curves[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        _restore_forwards(saved)
+        del trainer
+    diffs = [abs(a - b) / max(abs(b), 1e-9) for a, b in zip(curves["fast"], curves["standard"])]
+    return {**curves, "max_rel_diff": max(diffs), "steps": steps}
+
+
+def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: int = 0) -> dict:
+    """All checks on one LoRA-wrapped model; returns a JSON-able record."""
+    from bench import _instance_forwards, _restore_forwards
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    saved = _instance_forwards(model)
+    trainer = training.make_trainer(model, tokenizer, dataset, cfg.replace(fast=False), save_strategy="no",
+                                    report_to=[], disable_tqdm=True)
+    examples = tokenized_examples(trainer, rows)
+    snapshot = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    randomize_lora_b(model, seed)
+    std_loss, std_grads = loss_and_grads(trainer, model, trainer.data_collator(examples))
+    # bf16 noise floor: the standard path on the same rows in the opposite order (other kernels' summation order)
+    _, std_grads_reversed = loss_and_grads(trainer, model, trainer.data_collator(examples[::-1]))
+    with fast_experts(model, cfg):
+        fast_loss, fast_grads = loss_and_grads(trainer, model, fast.PackedCollator(pad_id)(examples))
+        rows_check = per_row_losses(model, examples, pad_id)
+    with torch.no_grad():  # back to the LoRA init (B = 0) for the training runs
+        for n, p in lora_parameters(model).items():
+            p.copy_(snapshot[n])
+    _restore_forwards(saved)
+    del trainer
+    return {
+        "rows": len(examples), "tokens": sum(len(e["input_ids"]) for e in examples),
+        "loss": {"standard": std_loss, "fast": fast_loss, "abs_diff": abs(std_loss - fast_loss)},
+        "per_row": rows_check,
+        "grads": compare_grads(fast_grads, std_grads),
+        "grads_noise_floor": compare_grads(std_grads_reversed, std_grads),
+        "training": training_curves(model, tokenizer, dataset, cfg, steps),
+    }
+
+
+def main(argv=None) -> dict:
+    import bench
+    from datasets import Dataset
+
+    from helpers import model as hmodel
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="slice8", choices=["slice8", "real"])
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rows-per-step", type=int, default=32)
+    p.add_argument("--routed-experts", action="store_true")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("check_fast.py compares the fused-kernel fast path with the standard one: it needs a GPU. "
+                         "The CPU tests (tests/test_fast.py) run the same checks on a tiny model without Mamba.")
+    tokenizer = bench.bench_tokenizer()
+    config = bench.arch_config(args.arch, len(tokenizer))
+    bench._set_special_ids(config, tokenizer)
+    model = bench.build_random_model(config, args.seed)
+    torch.manual_seed(args.seed)
+    model, _ = hmodel.add_lora(model, hmodel.lora_config(r=16, alpha=32, routed_experts=args.routed_experts))
+    dist_args = argparse.Namespace(lengths_from=None, max_length=1024, seed=args.seed)
+    dist = bench.length_distribution(dist_args, tokenizer)
+    n = args.rows_per_step * (args.steps + 1)
+    dataset = Dataset.from_dict(bench.random_rows(dist["pairs"], n, config.vocab_size, [args.seed, 1]))
+    cfg = training.TrainConfig(run_name="check", output_root=tempfile.mkdtemp(), max_length=1024,
+                               per_device_train_batch_size=args.rows_per_step, gradient_accumulation_steps=1,
+                               learning_rate=2e-4, warmup_ratio=0.0, seed=args.seed)
+    record = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "arch": args.arch,
+              "gpu": torch.cuda.get_device_name(), "versions": training.library_versions(),
+              "routed_experts": args.routed_experts, "kernels": bench._kernel_status(),
+              **check(model, tokenizer, dataset, cfg, rows=args.rows, steps=args.steps, seed=args.seed)}
+    out = Path(args.out) / f"fast_check_{args.arch}{'_experts' if args.routed_experts else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=str))
+    summary = {k: record[k] for k in ("loss",)} | {
+        "per_row_max_diff": record["per_row"]["max_abs_diff_packed"],
+        "per_row_max_diff_without_seq_idx": record["per_row"]["max_abs_diff_packed_without_seq_idx"],
+        "grads": {k: v for k, v in record["grads"].items() if k != "without_grad"} | {
+            "without_grad": len(record["grads"]["without_grad"])},
+        "grads_noise_floor_max_rel_error": record["grads_noise_floor"]["max_rel_error"],
+        "grads_noise_floor_median_rel_error": record["grads_noise_floor"]["median_rel_error"],
+        "training_max_rel_diff": record["training"]["max_rel_diff"]}
+    print(json.dumps(summary, indent=1))
+    print("Record:", out)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Stage 5: the fast path trains the same thing as the standard path, and refuses where it could not.
+
+Packing is exact only where every layer sees row boundaries. On CPU the Mamba layers run the PyTorch
+reference, which ignores `seq_idx`, so the equality checks use a tiny model of attention + MoE blocks
+only; the real architecture (with the fused Mamba kernels) is checked on a GPU by
+benchmarks/check_fast.py, whose functions these tests call.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from helpers import data, fast, model, training
+
+sys.path.insert(0, str(data.REPO_ROOT / "benchmarks"))
+import check_fast  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return model.build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-nemotron")
+
+
+def tiny_model(tiny_dir, pattern: str, seed: int = 0):
+    """The tiny model's config with another block pattern (e.g. '*E*E': attention + MoE, no Mamba)."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    values = model.load_model(tiny_dir)[0].config.to_dict()
+    values.pop("layers_block_type", None)
+    values["hybrid_override_pattern"] = pattern
+    torch.manual_seed(seed)
+    return NemotronHForCausalLM(NemotronHConfig(**values))
+
+
+@pytest.fixture(scope="module")
+def sample(tiny_dir, tmp_path_factory):
+    tok = model.load_tokenizer(tiny_dir)
+    out = tmp_path_factory.mktemp("fmt") / "sample"
+    dataset, _ = data.prepare_medmcqa(data.SAMPLE_DIR, out_dir=out, tokenizer=tok, max_length=512)
+    return tok, training.training_split(dataset)
+
+
+def cfg_for(tmp_path, **kw):
+    base = dict(run_name="f", output_root=str(tmp_path), max_length=512, per_device_train_batch_size=6,
+                gradient_accumulation_steps=1, learning_rate=2e-3, warmup_ratio=0.0, logging_steps=1,
+                save_steps=1000, seed=0)
+    return training.TrainConfig(**{**base, **kw})
+
+
+def test_seq_idx_numbers_the_rows_of_a_packed_batch():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1]])
+    assert fast.seq_idx_from_position_ids(position_ids).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
+    assert fast.seq_idx_from_position_ids(position_ids).dtype == torch.int32
+
+
+def test_packed_collator_concatenates_rows_without_padding():
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    batch = fast.PackedCollator(pad_token_id=0)(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["seq_idx"].tolist() == [[0, 0, 0, 1, 1]]
+    assert "attention_mask" not in batch  # a mask of ones would hide the row boundaries from attention
+
+
+def test_packed_and_padded_batches_give_the_same_loss_rows_and_lora_gradients(tiny_dir, sample, tmp_path):
+    tok, train = sample
+    llm = tiny_model(tiny_dir, "*E*E")
+    peft_model, _ = model.add_lora(llm, model.lora_config())
+    record = check_fast.check(peft_model, tok, train, cfg_for(tmp_path), rows=6, steps=4)
+    assert record["loss"]["abs_diff"] < 1e-5
+    assert record["per_row"]["max_abs_diff_packed"] < 1e-5
+    assert record["grads"]["without_grad"] == [] and record["grads"]["tensors"] > 0
+    assert record["grads"]["max_rel_error"] < 1e-4
+    # the same rows, in the same order, through trainer.train(): the loss curves coincide
+    assert len(record["training"]["fast"]) == len(record["training"]["standard"]) >= 4
+    assert record["training"]["max_rel_diff"] < 1e-4
+
+
+def test_fast_path_refuses_mamba_layers_without_the_fused_kernels(tiny_dir, sample, tmp_path):
+    tok, train = sample
+    llm, _ = model.load_model(tiny_dir)  # has Mamba blocks; CPU -> reference path
+    peft_model, _ = model.add_lora(llm, model.lora_config())
+    with pytest.raises(fast.PackingUnsupported, match="fused mamba_ssm kernels"):
+        training.make_trainer(peft_model, tok, train, cfg_for(tmp_path, fast=True))
+
+
+@pytest.mark.parametrize("policy,expected", [("all", {"attention": 2, "moe": 2}), ("none", {"attention": 0, "moe": 0}),
+                                             ("moe", {"attention": 0, "moe": 2})])
+def test_checkpointing_policy_is_applied_when_training_starts(tiny_dir, sample, tmp_path, policy, expected):
+    tok, train = sample
+    peft_model, _ = model.add_lora(tiny_model(tiny_dir, "*E*E"), model.lora_config())
+    cfg = cfg_for(tmp_path, fast=True, checkpointing=policy, max_steps=1)
+    trainer = training.make_trainer(peft_model, tok, train, cfg, save_strategy="no", report_to=[])
+    trainer.train()
+    applied = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "policy")).applied
+    assert applied == expected
+    layers = peft_model.get_base_model().model.layers
+    assert [bool(layer.gradient_checkpointing) for layer in layers] == [
+        fast._block_kind(layer.block_type) in fast.parse_policy(policy) for layer in layers]
+
+
+def test_bad_checkpointing_policy_names_the_choices():
+    with pytest.raises(ValueError, match="'all', 'none' or a comma list"):
+        fast.parse_policy("mamba,experts")
+
+
+def test_fold_accumulation_keeps_the_effective_batch():
+    cfg = training.TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=4)
+    folded = fast.fold_accumulation(cfg)
+    assert (folded.per_device_train_batch_size, folded.gradient_accumulation_steps) == (32, 1)
+
+
+def test_lean_experts_match_transformers_experts_with_routed_expert_lora(tiny_dir):
+    """Same outputs and the same LoRA gradients (routed experts included) as transformers' own implementation."""
+    llm = tiny_model(tiny_dir, "E")
+    peft_model, _ = model.add_lora(llm, model.lora_config(routed_experts=True))
+    check_fast.randomize_lora_b(peft_model)
+    moe = peft_model.get_base_model().model.layers[0].mixer
+    x = torch.randn(37, llm.config.hidden_size)
+
+    def run():
+        peft_model.zero_grad(set_to_none=True)
+        out = moe(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None}
+        return out.detach(), grads
+
+    reference, ref_grads = run()
+    previous = fast.use_lean_experts(peft_model)
+    assert previous != "lean_grouped_mm"
+    lean, lean_grads = run()
+    assert torch.allclose(lean, reference, atol=1e-5, rtol=1e-4)
+    assert ref_grads.keys() == lean_grads.keys() and any(".experts." in n for n in ref_grads)
+    for name in ref_grads:
+        assert torch.allclose(lean_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4), name
