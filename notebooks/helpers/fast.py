@@ -45,7 +45,7 @@ def parse_features(features: str | None) -> set[str]:
         raise ValueError(f"Unknown fast-path feature(s) {sorted(unknown)}; choose from {sorted(FEATURES)}.")
     return chosen
 
-BLOCK_TYPES = {"mamba": "mamba", "moe": "moe", "attention": "attention"}  # names used in policies
+BLOCK_KINDS = ("mamba", "moe", "attention")  # the block names a checkpointing policy uses
 
 
 def seq_idx_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -108,14 +108,14 @@ def parse_policy(policy: str) -> set[str]:
     """The block types a checkpointing policy recomputes: 'all', 'none' or e.g. 'mamba,moe'."""
     policy = policy.strip().lower()
     if policy == "all":
-        return set(BLOCK_TYPES)
+        return set(BLOCK_KINDS)
     if policy in ("none", ""):
         return set()
     chosen = {p.strip() for p in policy.split(",")}
-    unknown = chosen - set(BLOCK_TYPES)
+    unknown = chosen - set(BLOCK_KINDS)
     if unknown:
         raise ValueError(f"Unknown block type(s) {sorted(unknown)} in checkpointing policy {policy!r}; use 'all', "
-                         f"'none' or a comma list of {sorted(BLOCK_TYPES)}.")
+                         f"'none' or a comma list of {sorted(BLOCK_KINDS)}.")
     return chosen
 
 
