@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "notebooks"))
 import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from helpers import data, distributed, evaluation, model, training  # noqa: E402
+from helpers import data, distributed, evaluation, fast, model, training  # noqa: E402
 from helpers.notebook import resolve_path  # noqa: E402
 
 
@@ -59,8 +59,7 @@ def config_from_args(args) -> training.TrainConfig:
             changes[key] = value
     cfg = training.preset(args.preset, **changes)
     if getattr(args, "fast", False):  # same rows per optimizer step, packed into one micro-batch
-        from helpers.fast import fold_accumulation
-        cfg = fold_accumulation(cfg.replace(fast=True))
+        cfg = fast.fold_accumulation(cfg.replace(fast=True))
     return cfg
 
 
@@ -105,6 +104,8 @@ def main(argv=None) -> dict | None:
     reloads, merges and writes the summary (the others return None once training is done)."""
     args = parse_args(argv)
     cfg = config_from_args(args)
+    if cfg.fast and "packing" in fast.parse_features(cfg.fast_features) and fast.kernels_problem():
+        raise SystemExit(fast.kernels_problem())  # before loading anything (the real model is 59 GiB)
     distributed.init()  # several processes: join the group, claim GPU LOCAL_RANK (no-op for one process)
     main_process = distributed.is_main_process()
     if main_process:

@@ -136,3 +136,21 @@ def test_lean_experts_match_transformers_experts_with_routed_expert_lora(tiny_di
     assert ref_grads.keys() == lean_grads.keys() and any(".experts." in n for n in ref_grads)
     for name in ref_grads:
         assert torch.allclose(lean_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.skipif(fast.kernels_problem() is None, reason="this machine has the fused Mamba kernels")
+def test_train_py_fast_stops_before_loading_anything_without_the_kernels(tmp_path):
+    import train
+
+    with pytest.raises(SystemExit, match="fused mamba_ssm kernels"):
+        train.main(["--preset", "smoke", "--fast", "--set", f"output_root={tmp_path}", f"data_dir={tmp_path / 'd'}"])
+    assert not (tmp_path / "d").exists()  # no data prepared, no model loaded
+
+
+def test_fast_flag_packs_the_same_effective_batch():
+    import train
+
+    cfg = train.config_from_args(train.parse_args(["--fast"]))
+    plain = train.config_from_args(train.parse_args([]))
+    assert cfg.fast and cfg.gradient_accumulation_steps == 1
+    assert cfg.per_device_train_batch_size == plain.per_device_train_batch_size * plain.gradient_accumulation_steps

@@ -84,24 +84,32 @@ def has_mamba_layers(model) -> bool:
     return any(_KINDS.get(t) == "mamba" for t in getattr(model.config, "layers_block_type", None) or [])
 
 
+def kernels_problem() -> str | None:
+    """Why packing cannot run on this machine (no CUDA, or transformers bound the Mamba reference), or None."""
+    from .model import fast_kernels_status
+
+    status = fast_kernels_status()
+    if status["fast_path"]:
+        return None
+    return ("The fast path packs rows into one sequence, and only the fused mamba_ssm kernels reset the Mamba "
+            f"state between rows (CUDA {status['cuda']}; mamba_ssm {status['mamba_ssm']}, causal_conv1d "
+            f"{status['causal_conv1d']}, bound: {status['implementations']}). The PyTorch reference would leak each "
+            "row's state into the next. Fix: train on a CUDA GPU with the kernels installed "
+            "(uv sync --extra kernels), or train without fast=True.")
+
+
 def require_packing_support(model, allow_state_leak: bool = False) -> None:
     """Refuse packing where the Mamba layers would mix rows (reference PyTorch path, or CPU).
 
     `allow_state_leak=True` is for demonstrations and tests of that very leak, never for training.
     """
-    from .model import fast_kernels_status
-
     if not has_mamba_layers(model) or allow_state_leak:
         return
     device = next(model.parameters()).device
-    status = fast_kernels_status()
-    if device.type != "cuda" or not status["fast_path"]:
-        raise PackingUnsupported(
-            "The fast path packs rows into one sequence, and only the fused mamba_ssm kernels reset the Mamba "
-            f"state between rows (model on {device.type}; mamba_ssm {status['mamba_ssm']}, causal_conv1d "
-            f"{status['causal_conv1d']}, bound: {status['implementations']}). The PyTorch reference would leak each "
-            "row's state into the next. Fix: train on a CUDA GPU with the kernels installed "
-            "(uv sync --extra kernels), or train without fast=True.")
+    problem = kernels_problem() or (None if device.type == "cuda" else
+                                    f"The model is on {device.type}: packing needs it on a CUDA GPU.")
+    if problem:
+        raise PackingUnsupported(problem)
 
 
 def parse_policy(policy: str) -> set[str]:
