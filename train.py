@@ -104,8 +104,8 @@ def main(argv=None) -> dict | None:
     reloads, merges and writes the summary (the others return None once training is done)."""
     args = parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.fast and "packing" in fast.parse_features(cfg.fast_features) and fast.kernels_problem():
-        raise SystemExit(fast.kernels_problem())  # before loading anything (the real model is 59 GiB)
+    if cfg.fast and "packing" in fast.parse_features(cfg.fast_features) and (problem := fast.kernels_problem()):
+        raise SystemExit(problem)  # before loading anything (the real model is 59 GiB)
     distributed.init()  # several processes: join the group, claim GPU LOCAL_RANK (no-op for one process)
     main_process = distributed.is_main_process()
     if main_process:

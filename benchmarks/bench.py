@@ -542,45 +542,23 @@ def probe_loss(model, rows: dict, pad_id: int, device) -> dict:
     return out
 
 
-def _row_losses(logits, labels) -> torch.Tensor:
-    """Mean next-token loss of one row (labels -100 ignored)."""
-    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100)
-
-
-def packed_probe_loss(model, rows: dict, pad_id: int, device) -> dict:
+def packed_probe_loss(model, rows: dict, pad_id: int) -> dict:
     """The probe rows packed into one sequence (helpers.fast.PackedCollator): per-row losses vs each row alone.
 
-    Also without `seq_idx`, to show what the Mamba layers do when nobody tells them where rows end.
+    Also without `seq_idx`, to show what the Mamba layers do when nobody tells them where rows end
+    (check_fast.per_row_losses does the work).
     """
-    from helpers import fast
+    from check_fast import per_row_losses
 
-    model.train()
-    examples = []
-    for ids, mask in zip(rows["input_ids"], rows["completion_mask"]):
-        examples.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
-    batch = {k: v.to(device) for k, v in fast.PackedCollator(pad_id)(examples).items()}
-    out = {}
-    with torch.no_grad():
-        alone = []
-        for ex in examples:
-            ids = torch.tensor([ex["input_ids"]], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[0]
-            alone.append(_row_losses(logits, torch.tensor(ex["labels"], device=device)).item())
-        for key, extra in (("", {"seq_idx": batch["seq_idx"]}), ("_without_seq_idx", {})):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                           **extra).logits[0]
-            start, diffs, losses = 0, [], []
-            for ex, ref in zip(examples, alone):
-                n = len(ex["input_ids"])
-                loss = _row_losses(logits[start:start + n], torch.tensor(ex["labels"], device=device)).item()
-                losses.append(loss)
-                diffs.append(abs(loss - ref))
-                start += n
-            out[f"row_losses{key}"] = [round(x, 5) for x in losses]
-            out[f"max_row_loss_diff{key}"] = max(diffs)
-        out["row_losses_alone"] = [round(x, 5) for x in alone]
-        out["loss"] = sum(out["row_losses"]) / len(alone)
-    return out
+    examples = [{"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
+                for ids, mask in zip(rows["input_ids"], rows["completion_mask"])]
+    rows_check = per_row_losses(model, examples, pad_id)
+    return {"row_losses": [round(x, 5) for x in rows_check["packed"]],
+            "max_row_loss_diff": rows_check["max_abs_diff_packed"],
+            "row_losses_without_seq_idx": [round(x, 5) for x in rows_check["packed_without_seq_idx"]],
+            "max_row_loss_diff_without_seq_idx": rows_check["max_abs_diff_packed_without_seq_idx"],
+            "row_losses_alone": [round(x, 5) for x in rows_check["alone"]],
+            "loss": sum(rows_check["packed"]) / len(examples)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -891,7 +869,7 @@ def run_variant(args, variant: str, argv) -> dict:
         else:
             first = probe_loss(model, probe, pad_id, device)
             print(f"First-batch loss: {first['loss']:.4f} ({first['tokens']} tokens)", flush=True)
-        packed_first = packed_probe_loss(model, probe, pad_id, device) if variant == "fast" and not sharded else None
+        packed_first = packed_probe_loss(model, probe, pad_id) if variant == "fast" and not sharded else None
         if packed_first:
             print(f"First-batch loss, packed into one row: {packed_first['loss']:.4f} (per-row max |diff| vs padded "
                   f"{packed_first['max_row_loss_diff']:.2e}; without seq_idx {packed_first['max_row_loss_diff_without_seq_idx']:.2e})",

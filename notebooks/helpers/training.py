@@ -365,15 +365,13 @@ def run_record(trainer, cfg: TrainConfig, wall: float, stack: str, resumed_from,
     state, steps = trainer.state, trainer.step_timer.steps
     steady = steps[warmup_steps_excluded:] or steps
     steady_sec = sum(s["seconds"] for s in steady)
-    args = trainer.args
-    world = max(getattr(args, "world_size", 1), 1)
+    plan = batch_plan(trainer)
     losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     record = {
         "run_name": cfg.run_name, "stack": stack, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "resumed_from": resumed_from, "wall_seconds": round(wall, 2),
-        "steps": state.global_step, "samples": state.global_step * args.per_device_train_batch_size
-        * args.gradient_accumulation_steps * world,
+        "steps": state.global_step, "samples": state.global_step * plan["rows_per_step"],
         "tokens": int(state.num_input_tokens_seen),
         "tokens_per_second": round(sum(s["tokens"] for s in steps) / max(sum(s["seconds"] for s in steps), 1e-9), 1),
         "steady_tokens_per_second": round(sum(s["tokens"] for s in steady) / max(steady_sec, 1e-9), 1),
@@ -384,9 +382,7 @@ def run_record(trainer, cfg: TrainConfig, wall: float, stack: str, resumed_from,
         "final_loss": losses[-1][1] if losses else None,
         "loss_history": losses, "step_times": steps,
         "hardware": hardware(), "versions": library_versions(), "config": dataclasses.asdict(cfg),
-        "effective_batch": {"per_device": args.per_device_train_batch_size,
-                            "gradient_accumulation": args.gradient_accumulation_steps, "processes": world,
-                            "rows_per_step": world * args.per_device_train_batch_size * args.gradient_accumulation_steps},
+        "effective_batch": {k: plan[k] for k in ("per_device", "gradient_accumulation", "processes", "rows_per_step")},
     }
     if distributed.launched():  # a collective: under several processes every process must call run_record
         record["hardware"]["per_process"] = distributed.gather_object(process_memory())
