@@ -5,6 +5,7 @@
     uv run python train.py                       # the real model on full MedMCQA (one 80 GB GPU)
     uv run python train.py --fast                # the same, packed without padding (stage 5 fast path)
     uv run python train.py --set max_steps=500 learning_rate=1e-4
+    uv run python train.py --fast --like outputs/runs/nemotron-medmcqa-lora   # notebook 03's run, fast path
     accelerate launch --config_file configs/ddp.yaml --num_processes 2 train.py   # 2 GPUs (configs/README.md)
 
 Steps: prepare data -> score the base model -> train LoRA (resuming from the last
@@ -40,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over")
     p.add_argument("--skip-base-eval", action="store_true", help="do not score the model before training")
     p.add_argument("--save-merged", action="store_true", help="also write the merged model (needs disk space)")
+    p.add_argument("--like", metavar="RUN",
+                   help="start from the config of an earlier run (its run folder or metrics.json, e.g. notebook 03's "
+                        "outputs/runs/nemotron-medmcqa-lora) and its prepared data, instead of --preset; with --fast "
+                        "the run is named <run>-fast, so notebook 04 can compare the two")
     p.add_argument("--fast", action="store_true",
                    help="stage 5 fast path: pack each step's rows into one micro-batch without padding (needs a "
                         "CUDA GPU and the Mamba kernels; see helpers/fast.py and benchmarks/NOTES.md)")
@@ -57,14 +62,29 @@ def config_from_args(args) -> training.TrainConfig:
             changes[key] = json.loads(value)
         except json.JSONDecodeError:
             changes[key] = value
-    cfg = training.preset(args.preset, **changes)
+    if getattr(args, "like", None):
+        record = training.load_run_record(resolve_path(args.like))
+        fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+        unknown = sorted(set(record["config"]) - fields)
+        if unknown:
+            print(f"--like {args.like}: its config has fields this version does not know, not used: {unknown}")
+        cfg = training.TrainConfig(**{k: v for k, v in record["config"].items() if k in fields})
+        suffix = "-fast" if getattr(args, "fast", False) else "-again"
+        cfg = cfg.replace(**{"run_name": cfg.run_name + suffix, **changes})
+    else:
+        cfg = training.preset(args.preset, **changes)
     if getattr(args, "fast", False):  # same rows per optimizer step, packed into one micro-batch
         cfg = fast.fold_accumulation(cfg.replace(fast=True))
     return cfg
 
 
-def prepare_data(cfg, tokenizer):
-    """Stage 1 for this run: the formatted splits (synthetic data is written first when asked for)."""
+def prepare_data(cfg, tokenizer, reuse: bool = False):
+    """Stage 1 for this run: the formatted splits (synthetic data is written first when asked for).
+
+    `reuse=True` (a run started --like an earlier one) loads the data that run trained on, as it is.
+    """
+    if reuse:
+        return data.load_formatted(cfg.data_dir)
     source = cfg.data_source
     if source == "synthetic":
         source = data.write_synthetic_split_files(Path(cfg.output_root) / "synthetic-medmcqa", seed=cfg.seed)
@@ -117,7 +137,7 @@ def main(argv=None) -> dict | None:
             model.build_tiny_model(cfg.model_id)
         preflight(cfg)
         tokenizer = model.load_tokenizer(cfg.model_id, cfg.revision)
-        dataset, manifest = prepare_data(cfg, tokenizer)
+        dataset, manifest = prepare_data(cfg, tokenizer, reuse=bool(args.like))
     val = dataset["validation"]
     evals = {}
 
@@ -148,13 +168,15 @@ def main(argv=None) -> dict | None:
     reloaded = model.load_adapter(fresh, cfg.checkpoint_dir)
     evals["reloaded"] = evaluation.evaluate(reloaded, tokenizer, val, f"{cfg.run_name}-reloaded",
                                             limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
-    same = [p["pred"] for p in evals["reloaded"]["predictions"]] == [p["pred"] for p in evals["adapter"]["predictions"]]
-    print("Reloaded adapter gives the same answers:", same)
+    agreement = {"reloaded": evaluation.compare_answers(evals["adapter"], evals["reloaded"])}
+    print("Reloaded adapter gives the same answers:", evaluation.describe_comparison(agreement["reloaded"]))
 
     # Merging folds LoRA into the base weights: same model, no adapter overhead at inference.
     merged = model.merge_adapter(reloaded)
     evals["merged"] = evaluation.evaluate(merged, tokenizer, val, f"{cfg.run_name}-merged",
                                           limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
+    agreement["merged"] = evaluation.compare_answers(evals["adapter"], evals["merged"])
+    print("Merged model gives the same answers:", evaluation.describe_comparison(agreement["merged"]))
     if args.save_merged:
         out = Path(cfg.output_root) / "merged" / cfg.run_name
         model.merge_disk_check(out, merged)
@@ -163,9 +185,8 @@ def main(argv=None) -> dict | None:
         print("Merged model saved to", out)
 
     summary = {"run": cfg.run_name, "record": str(cfg.run_dir / "metrics.json"), "data_rows": manifest["rows"],
-               "reloaded_matches": same,
-               "merged_matches": [p["pred"] for p in evals["merged"]["predictions"]]
-               == [p["pred"] for p in evals["adapter"]["predictions"]],
+               "reloaded_matches": agreement["reloaded"]["same"], "merged_matches": agreement["merged"]["same"],
+               "agreement_with_the_trained_adapter": agreement,  # sizes of the score differences, flips
                **{f"{k}_accuracy": v["accuracy"] for k, v in evals.items()},
                "tokens_per_second": record["steady_tokens_per_second"], "wall_seconds": record["wall_seconds"],
                "processes": record["effective_batch"]["processes"]}

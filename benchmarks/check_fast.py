@@ -122,16 +122,13 @@ def compare_grads(a: dict, b: dict) -> dict:
 
 
 @contextlib.contextmanager
-def fast_experts(model, cfg):
-    """Inside: the routed experts run the fast path's implementation if cfg's features ask for it; after: as before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    previous = base.config._experts_implementation
-    if "lean_experts" in fast.parse_features(cfg.fast_features):
-        fast.use_lean_experts(model)
+def fast_model(model, cfg):
+    """Inside: the model runs the fast path's model-level pieces that cfg's features ask for; after: as before."""
+    restore = fast.use_model_features(model, fast.parse_features(cfg.fast_features))
     try:
         yield
     finally:
-        base.config._experts_implementation = previous
+        restore()
 
 
 def tokenized_examples(trainer, n: int) -> list[dict]:
@@ -153,10 +150,11 @@ def training_curves(model, tokenizer, dataset, cfg, steps: int) -> dict:
         saved = _instance_forwards(model)
         run = cfg.replace(run_name=f"check-{name}", fast=is_fast, max_steps=steps, logging_steps=1,
                           gradient_accumulation_steps=1)
+        restore = fast.use_model_features(model, set())  # remembers the standard model
         trainer = training.make_trainer(model, tokenizer, dataset, run, save_strategy="no", report_to=[],
-                                        disable_tqdm=True)
-        with fast_experts(model, run if is_fast else run.replace(fast_features="")):
-            trainer.train()
+                                        disable_tqdm=True)  # fast=True switches the model-level pieces on
+        trainer.train()
+        restore()
         curves[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         _restore_forwards(saved)
         del trainer
@@ -177,7 +175,7 @@ def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: i
     randomize_lora_b(model, seed)
     std_loss, std_grads = loss_and_grads(trainer, model, trainer.data_collator(examples))
     row_grads = row_by_row_grads(trainer, model, examples)  # the noise floor: same rows, other shapes
-    with fast_experts(model, cfg):
+    with fast_model(model, cfg):
         fast_loss, fast_grads = loss_and_grads(trainer, model, fast.PackedCollator(pad_id)(examples))
         rows_check = per_row_losses(model, examples, pad_id)
     with torch.no_grad():  # back to the LoRA init (B = 0) for the training runs

@@ -7,12 +7,14 @@
 #
 # 1. one process:        bench.py --variant standard --arch real, TOKENS tokens/step, STEPS timed steps
 # 2. two processes, DDP: the same per GPU (configs/ddp.yaml): each GPU holds the whole model, tokens/s counts both
+#    (1 and 2 run once per variant in VARIANTS; the fast variant with --checkpointing FAST_CHECKPOINTING)
 # 3. two processes, FSDP (configs/fsdp.yaml): the base model sharded over both GPUs; the record's
 #    budgets[].per_process[].train_peak_allocated_gib is the memory each GPU needs while training
 # 4. bench.py --scaling OUT_DIR: table (speed-up, efficiency; also OUT_DIR/scaling.md) + OUT_DIR/scaling.png
 #
 # Settings (environment): PYTHON (default .venv/bin/python, else python), ARCH (real), TOKENS (8192 per GPU),
-# STEPS (8), WARMUP (2), FSDP_ARCH (ARCH; slice8 is quicker), FSDP_TOKENS (TOKENS).
+# STEPS (8), WARMUP (2), VARIANTS (standard; e.g. "standard fast"), FAST_CHECKPOINTING (moe),
+# FSDP_ARCH (ARCH; slice8 is quicker), FSDP_TOKENS (TOKENS).
 # Needs: CUDA, mamba_ssm + causal_conv1d (the standard variant refuses to run without them). No network.
 set -euo pipefail
 
@@ -28,6 +30,8 @@ ARCH=${ARCH:-real}
 TOKENS=${TOKENS:-8192}
 STEPS=${STEPS:-8}
 WARMUP=${WARMUP:-2}
+VARIANTS=${VARIANTS:-standard}
+FAST_CHECKPOINTING=${FAST_CHECKPOINTING:-moe}
 FSDP_ARCH=${FSDP_ARCH:-$ARCH}
 FSDP_TOKENS=${FSDP_TOKENS:-$TOKENS}
 
@@ -35,7 +39,8 @@ export NCCL_NVLS_ENABLE=0            # NVLink multicast (NVLS) off, as the devic
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 LAUNCH=("$PYTHON" -m accelerate.commands.launch --num_processes 2)
-BENCH=(benchmarks/bench.py --variant standard --steps "$STEPS" --warmup "$WARMUP" --out "$OUT")
+COMMON=(--steps "$STEPS" --warmup "$WARMUP" --out "$OUT")
+BENCH=(benchmarks/bench.py --variant standard "${COMMON[@]}")
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 nvidia-smi topo -m > "$OUT/topology.txt" 2>&1 || true   # how the two GPUs are connected (NVLink or PCIe)
@@ -49,8 +54,12 @@ run() {  # run NAME COMMAND...: the command's output goes to the screen and to O
 }
 
 if [[ $PARTS == all || $PARTS == ddp ]]; then
-  run 1gpu env CUDA_VISIBLE_DEVICES=0 "$PYTHON" "${BENCH[@]}" --arch "$ARCH" --tokens-per-step "$TOKENS"
-  run 2gpu-ddp "${LAUNCH[@]}" --config_file configs/ddp.yaml "${BENCH[@]}" --arch "$ARCH" --tokens-per-step "$TOKENS"
+  for variant in $VARIANTS; do
+    ARGS=(benchmarks/bench.py --variant "$variant" "${COMMON[@]}" --arch "$ARCH" --tokens-per-step "$TOKENS")
+    [[ $variant == fast ]] && ARGS+=(--checkpointing "$FAST_CHECKPOINTING")
+    run "1gpu-$variant" env CUDA_VISIBLE_DEVICES=0 "$PYTHON" "${ARGS[@]}"
+    run "2gpu-ddp-$variant" "${LAUNCH[@]}" --config_file configs/ddp.yaml "${ARGS[@]}"
+  done
 fi
 if [[ $PARTS == all || $PARTS == fsdp ]]; then
   run 2gpu-fsdp "${LAUNCH[@]}" --config_file configs/fsdp.yaml "${BENCH[@]}" --arch "$FSDP_ARCH" \

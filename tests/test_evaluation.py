@@ -100,3 +100,19 @@ def test_multi_token_letters_are_refused():
             return {"input_ids": [1, 2]}
     with pytest.raises(ValueError, match="single tokens"):
         evaluation.letter_token_ids(Bad())
+
+
+def test_compare_answers_reports_flips_and_how_close_they_were():
+    def scoring(*rows):
+        return {"predictions": [{"id": i, "pred": "ABCD"[max(range(4), key=s.__getitem__)], "letter_logits": s}
+                                for i, s in enumerate(rows)]}
+
+    first = scoring([2.0, 1.0, 0.0, 0.0], [0.50, 0.49, 0.0, 0.0])
+    same = evaluation.compare_answers(first, scoring([2.0, 1.0, 0.0, 0.0], [0.50, 0.48, 0.0, 0.0]))
+    assert same["same"] and same["flipped"] == 0 and same["largest_score_difference"] == pytest.approx(0.01)
+    near_tie = evaluation.compare_answers(first, scoring([2.0, 1.0, 0.0, 0.0], [0.49, 0.50, 0.0, 0.0]))
+    assert not near_tie["same"] and near_tie["flipped"] == 1 and near_tie["flipped_margins"] == [pytest.approx(0.01)]
+    assert "1 of 2 flipped" in evaluation.describe_comparison(near_tie)
+    with pytest.raises(ValueError, match="same questions"):
+        evaluation.compare_answers(first, scoring([2.0, 1.0, 0.0, 0.0]))
+

@@ -138,6 +138,71 @@ def test_lean_experts_match_transformers_experts_with_routed_expert_lora(tiny_di
         assert torch.allclose(lean_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_varlen_attention_needs_packing():
+    with pytest.raises(ValueError, match="add 'packing'"):
+        fast.parse_features("lean_experts,varlen_attention")
+
+
+def test_row_bounds_are_flash_attentions_row_offsets():
+    cu_seqlens, longest = fast.row_bounds(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]]))
+    assert cu_seqlens.tolist() == [0, 3, 5, 6, 10] and cu_seqlens.dtype == torch.int32 and longest == 4
+
+
+def test_varlen_attention_keeps_packed_rows_apart_and_leaves_padded_batches_to_sdpa(tiny_dir, monkeypatch):
+    """Packed rows attend only to themselves (same logits as each row alone); a padded batch with a mask,
+    e.g. in evaluation, gets exactly the SDPA result."""
+    llm = tiny_model(tiny_dir, "*E*E").eval()
+    rows = [torch.randint(3, 200, (n,)) for n in (5, 9, 3)]
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
+    mask = (torch.arange(padded.shape[1]) < torch.tensor([[5], [9], [3]])).long()
+    with torch.no_grad():
+        alone = [llm(input_ids=r[None]).logits[0] for r in rows]
+        sdpa_padded = llm(input_ids=padded, attention_mask=mask).logits
+        assert fast.use_varlen_attention(llm) == "sdpa"
+        calls, original = [], fast._attend_row_by_row
+
+        def spy(q, k, v, cu_seqlens, scale):
+            calls.append(cu_seqlens.tolist())
+            return original(q, k, v, cu_seqlens, scale)
+        monkeypatch.setattr(fast, "_attend_row_by_row", spy)
+        packed_ids = torch.cat(rows)[None]
+        position_ids = torch.cat([torch.arange(len(r)) for r in rows])[None]
+        packed = llm(input_ids=packed_ids, position_ids=position_ids).logits[0]
+        varlen_padded = llm(input_ids=padded, attention_mask=mask).logits
+    assert calls and calls[0] == [0, 5, 14, 17]  # the row path ran, with the rows' bounds
+    assert torch.allclose(packed, torch.cat(alone), atol=1e-5)
+    assert torch.equal(varlen_padded, sdpa_padded)
+
+
+def test_lora_bf16_skips_only_the_float32_round_trip_under_autocast(tiny_dir):
+    """Under bf16 autocast the LoRA layers see bf16 inputs and give bit-identical outputs; outside it PEFT's cast
+    still runs, and restoring the model undoes the switch."""
+    llm = tiny_model(tiny_dir, "*E").to(torch.bfloat16)
+    peft_model, _ = model.add_lora(llm, model.lora_config())
+    check_fast.randomize_lora_b(peft_model)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+             for n, m in peft_model.named_modules() if n.endswith("lora_A.default")]
+    ids = torch.randint(3, 200, (2, 11))
+
+    def logits(autocast: bool):
+        seen.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return peft_model(input_ids=ids).logits
+
+    reference = logits(True)
+    assert set(seen) == {torch.float32}  # PEFT's copy of every LoRA input
+    restore = fast.use_model_features(peft_model, {"lora_bf16"})
+    assert torch.equal(logits(True), reference) and set(seen) == {torch.bfloat16}
+    logits(False)
+    assert set(seen) == {torch.float32}  # no autocast: PEFT's cast as before, so bf16 x float32 cannot clash
+    restore()
+    logits(True)
+    assert set(seen) == {torch.float32}
+    for hook in hooks:
+        hook.remove()
+
+
 @pytest.mark.skipif(fast.kernels_problem() is None, reason="this machine has the fused Mamba kernels")
 def test_train_py_fast_stops_before_loading_anything_without_the_kernels(tmp_path):
     import train
@@ -154,3 +219,22 @@ def test_fast_flag_packs_the_same_effective_batch():
     plain = train.config_from_args(train.parse_args([]))
     assert cfg.fast and cfg.gradient_accumulation_steps == 1
     assert cfg.per_device_train_batch_size == plain.per_device_train_batch_size * plain.gradient_accumulation_steps
+
+
+def test_fast_like_reruns_an_earlier_run_with_its_config(tmp_path):
+    """`train.py --fast --like RUN`: notebook 03's config and data, named RUN-fast, same rows per step."""
+    import dataclasses
+    import json
+
+    import train
+
+    earlier = training.TrainConfig(run_name="nb03", per_device_train_batch_size=8, gradient_accumulation_steps=4,
+                                   learning_rate=1e-4, max_steps=25, routed_experts=True, data_dir=str(tmp_path / "d"))
+    (tmp_path / "nb03").mkdir()
+    config = dataclasses.asdict(earlier) | {"a_field_from_another_version": 1}
+    (tmp_path / "nb03" / "metrics.json").write_text(json.dumps({"config": config}))
+    cfg = train.config_from_args(train.parse_args(["--fast", "--like", str(tmp_path / "nb03")]))
+    assert cfg.run_name == "nb03-fast" and cfg.fast
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (32, 1)
+    assert (cfg.learning_rate, cfg.max_steps, cfg.routed_experts, cfg.data_dir) == (1e-4, 25, True, str(tmp_path / "d"))
+

@@ -130,6 +130,32 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path):
     record = training.load_run_record(tmp_path / "runs" / "smoke")
     assert record["steps"] == training.PRESETS["smoke"]["max_steps"] and record["tokens"] > 0
     assert (tmp_path / "runs" / "smoke" / "summary.json").exists()
+    # --like: the same run again from its record (config and prepared data), here shortened to 2 steps
+    again = train.main(["--like", str(tmp_path / "runs" / "smoke"), "--skip-base-eval", "--set", "max_steps=2"])
+    assert again["run"] == "smoke-again" and again["data_rows"] == summary["data_rows"]
+    rerun = training.load_run_record(tmp_path / "runs" / "smoke-again")
+    assert rerun["steps"] == 2
+    assert {k: v for k, v in rerun["config"].items() if k not in ("run_name", "max_steps")} == \
+        {k: v for k, v in record["config"].items() if k not in ("run_name", "max_steps")}
+
+
+def test_tokens_per_second_after_skips_the_compiling_steps():
+    record = {"step_times": [{"seconds": 50.0, "tokens": 100}, {"seconds": 8.0, "tokens": 100},
+                             {"seconds": 0.5, "tokens": 100}, {"seconds": 1.5, "tokens": 300}]}
+    assert training.tokens_per_second_after(record, 2) == 200.0
+    assert training.tokens_per_second_after(record, 1) == 50.0
+    assert training.tokens_per_second_after(record, 4) is None
+
+
+def test_committed_reference_runs_are_comparable():
+    """Notebook 04's offline comparison: the three committed GPU runs trained the same adapters on the same tokens."""
+    from helpers import unsloth_path
+    standard, unsloth, fast = unsloth_path.reference_records()
+    assert [r["stack"] for r in (standard, unsloth, fast)] == ["standard", "unsloth", "fast"]
+    table = unsloth_path.fairness_table(standard, unsloth, fast)
+    assert " NO" not in table and table.count("yes") == 8
+    changed = dict(fast, config=dict(fast["config"], seed=0))
+    assert "NO" in unsloth_path.fairness_table(standard, unsloth, changed).splitlines()[4]
 
 
 def test_learning_is_visible_on_the_synthetic_task(tmp_path):

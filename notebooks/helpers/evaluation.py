@@ -73,6 +73,39 @@ def predict_letters(model, tokenizer, examples: list[dict], batch_size: int = 8,
     return out
 
 
+def compare_answers(first: dict, second: dict) -> dict:
+    """Two scorings of the same questions (e.g. the adapter in memory, then reloaded from disk): do they agree?
+
+    `same`: every question gets the same letter. `largest_score_difference`: how far apart the two runs' letter
+    scores are at most. The same weights scored through other code paths or in bf16 differ by rounding only, and
+    rounding can flip a question whose two best letters are closer than that (`flipped_margins` lists how close
+    they were): a flip with a tiny margin is rounding, a large score difference is a real change.
+    """
+    a, b = first["predictions"], second["predictions"]
+    if [p["id"] for p in a] != [p["id"] for p in b]:
+        raise ValueError("compare_answers needs two scorings of the same questions in the same order "
+                         "(evaluate both with the same dataset, split and limit).")
+    diffs = [max(abs(x - y) for x, y in zip(p["letter_logits"], q["letter_logits"])) for p, q in zip(a, b)]
+    flipped = [(p, q) for p, q in zip(a, b) if p["pred"] != q["pred"]]
+
+    def margin(p):  # score of the best letter minus the second best
+        top = sorted(p["letter_logits"], reverse=True)
+        return top[0] - top[1]
+
+    return {"same": not flipped, "questions": len(a), "flipped": len(flipped),
+            "largest_score_difference": round(max(diffs, default=0.0), 4),
+            "flipped_margins": [round(min(margin(p), margin(q)), 4) for p, q in flipped]}
+
+
+def describe_comparison(comparison: dict) -> str:
+    """One line for `compare_answers`: 'True' or 'False (1 of 16 flipped; ...)'."""
+    if comparison["same"]:
+        return f"True (letter scores differ by at most {comparison['largest_score_difference']})"
+    return (f"False ({comparison['flipped']} of {comparison['questions']} flipped; letter scores differ by at most "
+            f"{comparison['largest_score_difference']}; the flipped questions' two best letters were "
+            f"{comparison['flipped_margins']} apart)")
+
+
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a proportion: honest error bars even for small n."""
     if n == 0:

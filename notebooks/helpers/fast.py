@@ -16,6 +16,9 @@ tutorial's comparison stays honest. Each piece is measured, one at a time, in `b
    shapes instead of planning and tuning for every new length.
 3. lean_experts: the routed experts as two grouped GEMMs (`lean_experts_forward`).
 4. fused_norms: every RMSNorm as one Triton kernel (GPU only).
+5. varlen_attention: attention computed over each packed row only (`varlen_attention_forward`), not over
+   the whole packed sequence with a block-diagonal mask (needs packing).
+6. lora_bf16: under autocast, LoRA layers take their bf16 input as it is (`use_lora_bf16`).
 Plus, outside the features: the checkpointing policy (`TrainConfig.checkpointing`, applied by
 `CheckpointPolicy`) and `fold_accumulation` (one packed micro-batch per optimizer step).
 """
@@ -30,8 +33,10 @@ FEATURES = {
     "lean_experts": "routed experts as two grouped GEMMs without expert-parallel masking or float32 copies",
     "round_lengths": "pad each packed micro-batch to a multiple of 256 tokens, so kernels see few distinct shapes",
     "fused_norms": "every RMSNorm as mamba_ssm's fused Triton kernel (one kernel forward, one backward; GPU only)",
+    "varlen_attention": "attention over each packed row only (PyTorch's variable-length FlashAttention; needs packing)",
+    "lora_bf16": "under autocast, LoRA layers skip PEFT's float32 copy of their input (autocast would copy it back)",
 }
-DEFAULT_FEATURES = "packing,lean_experts,round_lengths,fused_norms"  # fused_norms only where CUDA is
+DEFAULT_FEATURES = "packing,lean_experts,round_lengths,fused_norms,varlen_attention,lora_bf16"  # fused_norms: CUDA only
 ROUND_TO = 256
 
 
@@ -43,6 +48,9 @@ def parse_features(features: str | None) -> set[str]:
     unknown = chosen - set(FEATURES)
     if unknown:
         raise ValueError(f"Unknown fast-path feature(s) {sorted(unknown)}; choose from {sorted(FEATURES)}.")
+    if "varlen_attention" in chosen and "packing" not in chosen:
+        raise ValueError("varlen_attention finds the rows of a packed batch from its position_ids: add 'packing' to "
+                         "fast_features, or drop 'varlen_attention'.")
     return chosen
 
 BLOCK_KINDS = ("mamba", "moe", "attention")  # the block names a checkpointing policy uses
@@ -244,3 +252,136 @@ def use_fused_norms(model) -> int:
             module.forward = functools.partial(_fused_rms_norm, module)
             switched += 1
     return switched
+
+
+_LAST_BOUNDS: list = [None, None]  # (position_ids, bounds) of the last packed batch: its 6 attention layers share it
+
+
+def row_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Where each row of a packed batch starts, as FlashAttention wants it: (cu_seqlens, longest row).
+
+    [[0,1,2,0,1,0]] -> ([0,3,5,6], 3). Reading the longest row waits for the GPU once per batch, so the
+    answer is kept for the other attention layers of the same forward pass.
+    """
+    if _LAST_BOUNDS[0] is position_ids:
+        return _LAST_BOUNDS[1]
+    positions = position_ids[0]
+    starts = torch.nonzero(positions == 0).flatten()
+    end = torch.tensor([positions.numel()], device=positions.device)
+    cu_seqlens = torch.cat([starts, end]).to(torch.int32)
+    bounds = (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    _LAST_BOUNDS[:] = [position_ids, bounds]
+    return bounds
+
+
+def _attend_row_by_row(q, k, v, cu_seqlens, scale):
+    """The reference for `varlen_attn` where it does not run (CPU): causal SDPA on each row, one at a time."""
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        rows = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (heads, length, head_dim)
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            *rows, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             position_ids=None, **kwargs):
+    """Causal attention inside each row of a packed batch, and nothing across rows.
+
+    transformers' SDPA path turns packed `position_ids` into a dense block-diagonal mask over the whole
+    packed sequence (8k x 8k at 8k tokens) and computes every score, although a MedMCQA row (~120 tokens)
+    sees only itself: over 98% of that work is masked away. PyTorch's `varlen_attn` (FlashAttention with
+    cumulative row offsets) computes only the rows' own scores. Anything that is not one packed training
+    sequence (a padded batch with a mask, decoding with a cache) goes to transformers' SDPA unchanged.
+    """
+    packed = (attention_mask is None and position_ids is not None and query.shape[0] == 1
+              and query.shape[2] == key.shape[2] and dropout == 0.0)
+    if not packed:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, **kwargs)
+    cu_seqlens, longest = row_bounds(position_ids)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim), no copy
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scaling, window_size=(-1, 0))
+    else:
+        out = _attend_row_by_row(q, k, v, cu_seqlens, scaling)
+    return out.unsqueeze(0), None  # (1, tokens, heads, head_dim), as transformers expects
+
+
+def _varlen_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
+    """No mask for a packed training batch (the rows come from position_ids); SDPA's mask for anything else."""
+    if attention_mask is None and batch_size == 1:
+        return None
+    from transformers.masking_utils import sdpa_mask
+    return sdpa_mask(batch_size, q_length, kv_length, attention_mask=attention_mask, **kwargs)
+
+
+def use_varlen_attention(model) -> str:
+    """Switch the attention layers to `varlen_attention_forward`; returns the previous implementation."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("packed_varlen", varlen_attention_forward)
+    AttentionMaskInterface.register("packed_varlen", _varlen_mask)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = base.config._attn_implementation
+    base.set_attn_implementation("packed_varlen")
+    return previous
+
+
+def _cast_unless_autocast(original, x, dtype):
+    """PEFT's input cast, skipped under autocast, which casts the input back to bf16 for the matmul anyway."""
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return original(x, dtype)
+
+
+def use_lora_bf16(model) -> int:
+    """LoRA layers keep their bf16 input under autocast; returns how many layers were switched.
+
+    PEFT keeps LoRA weights in float32 and copies every LoRA layer's input to float32 first; under the
+    Trainer's bf16 autocast the matmul then copies it back to bf16. The result is bit for bit the same
+    without both copies (two reads and writes of a tokens x width tensor, forward and backward, ~90 layers).
+    Outside autocast (evaluation, CPU float32) PEFT's cast runs as before.
+    """
+    import functools
+
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype"):
+            original = type(module)._cast_input_dtype.__get__(module)  # PEFT's method, bound to this layer
+            module._cast_input_dtype = functools.partial(_cast_unless_autocast, original)
+            switched += 1
+    return switched
+
+
+def use_model_features(model, features: set[str]):
+    """Switch the model-level pieces named in `features`; returns a function that switches them back.
+
+    (packing and round_lengths live in the collator, not in the model.)
+    """
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHRMSNorm
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    previous = {"experts": config._experts_implementation, "attention": config._attn_implementation}
+    if "lean_experts" in features:
+        use_lean_experts(model)
+    if "fused_norms" in features:
+        use_fused_norms(model)
+    if "varlen_attention" in features:
+        use_varlen_attention(model)
+    if "lora_bf16" in features:
+        use_lora_bf16(model)
+
+    def restore():
+        config._experts_implementation = previous["experts"]
+        if config._attn_implementation != previous["attention"]:
+            base.set_attn_implementation(previous["attention"])
+        for module in model.modules():
+            for name in ("forward", "_cast_input_dtype"):  # instance attributes set above shadow the class's
+                if name in vars(module) and (name != "forward" or isinstance(module, NemotronHRMSNorm)):
+                    delattr(module, name)
+    return restore

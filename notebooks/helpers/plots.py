@@ -130,22 +130,27 @@ def _label(record: dict) -> str:
     return f"{record['stack']} ({record['hardware'].get('gpu_name') or 'CPU'})"
 
 
-def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, note: str = "") -> Path:
-    """Side by side for several run records: steady tokens/s, s/step, wall time, peak memory, loss curves."""
-    panels = [("steady_tokens_per_second", "tokens/s (steady)", 1), ("seconds_per_step", "seconds/step", 1),
-              ("wall_seconds", "total wall time (s)", 1), ("peak_allocated_gib", "peak GPU memory (GiB)", 1)]
+def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, note: str = "",
+                          skip: int = 2) -> Path:
+    """Side by side for several run records: tokens/s after `skip` warm-up steps, median s/step, wall time
+    (compilation included), peak memory, loss curves."""
+    from .training import tokens_per_second_after
+
+    panels = [(lambda r: tokens_per_second_after(r, skip), f"tokens/s after {skip} warm-up steps"),
+              (lambda r: r.get("seconds_per_step"), "median seconds/step"),
+              (lambda r: r.get("wall_seconds"), "total wall time (s), compilation included"),
+              (lambda r: r["hardware"].get("peak_allocated_gib"), "peak GPU memory (GiB)")]
     fig, axes = plt.subplots(1, 5, figsize=(19, 3.8), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.8]})
     labels = [r["stack"] for r in records]
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(records)]
-    for ax, (key, title, _) in zip(axes, panels):
-        values = [r["hardware"].get(key) if key.startswith("peak") else r.get(key) for r in records]
-        values = [v or 0 for v in values]
+    for i, (ax, (get, title)) in enumerate(zip(axes, panels)):
+        values = [get(r) or 0 for r in records]
         ax.bar(labels, values, color=colors)
         for x, v in enumerate(values):
             ax.text(x, v, f"{v:,.3g}", ha="center", va="bottom")
-        if key == "steady_tokens_per_second" and values[0]:
+        if i == 0 and values[0]:
             ax.set_xticks(range(len(labels)), [f"{lab}\n{v / values[0]:.2f}x" for lab, v in zip(labels, values)])
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     for record, color in zip(records, colors):
         steps, losses = zip(*record["loss_history"]) if record["loss_history"] else ((), ())
         axes[4].plot(steps, losses, color=color, label=_label(record), alpha=0.8)

@@ -264,10 +264,7 @@ def make_trainer(model, tokenizer, train_dataset, cfg: TrainConfig, callbacks=()
             fast.require_packing_support(model, allow_state_leak=cfg.extra.get("allow_state_leak", False))
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             collator = fast.PackedCollator(pad_id, fast.ROUND_TO if "round_lengths" in features else None)
-        if "lean_experts" in features:
-            fast.use_lean_experts(model)
-        if "fused_norms" in features:
-            fast.use_fused_norms(model)
+        fast.use_model_features(model, features)  # lean experts, fused norms, varlen attention, bf16 LoRA inputs
         callbacks.append(fast.CheckpointPolicy(cfg.checkpointing))
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **sft_overrides), train_dataset=train_dataset,
                          processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
@@ -358,6 +355,18 @@ def hardware() -> dict:
             "gpu_total_gib": round(props.total_memory / gib, 1),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2)}
+
+
+def tokens_per_second_after(record: dict, skip: int) -> float | None:
+    """Tokens/s of a run record over its steps after the first `skip` (from its per-step times).
+
+    Every new batch shape costs a one-off compilation (Triton autotuning, cuDNN plans): in a short run the
+    second step can take longer than the next twenty. Comparing stacks after the same number of warm-up
+    steps shows what a long run would see; the record's own `steady_tokens_per_second` skips one step.
+    """
+    steps = record.get("step_times", [])[skip:]
+    seconds = sum(s["seconds"] for s in steps)
+    return round(sum(s["tokens"] for s in steps) / seconds, 1) if seconds else None
 
 
 def run_record(trainer, cfg: TrainConfig, wall: float, stack: str, resumed_from, warmup_steps_excluded: int) -> dict:

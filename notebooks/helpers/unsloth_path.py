@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# A pair of run records measured on a real GPU (same format as outputs/runs/<run>/metrics.json),
+# Run records measured on a real GPU (standard, unsloth, fast) (same format as outputs/runs/<run>/metrics.json),
 # used where no GPU is available (CI): see benchmarks/README.md for how they were made.
 REFERENCE_RUNS = REPO_ROOT / "benchmarks" / "results" / "runs"
 
@@ -79,8 +79,8 @@ def check_same_batch(trainer, cfg) -> dict:
     return got
 
 
-def fairness_table(baseline: dict, other: dict) -> str:
-    """Side by side: what must match between two run records, and whether it does."""
+def fairness_table(baseline: dict, *others: dict) -> str:
+    """Side by side: what must match between run records, and whether it does for every one of them."""
     keys = [("trainable_parameters", lambda r: r["trainable_parameters"]),
             ("rows per step", lambda r: r["effective_batch"]["per_device"] * r["effective_batch"]["gradient_accumulation"]
              * r["effective_batch"].get("processes", 1)),
@@ -88,15 +88,29 @@ def fairness_table(baseline: dict, other: dict) -> str:
             ("steps", lambda r: r["steps"]), ("tokens trained", lambda r: r["tokens"]),
             ("lora r / alpha", lambda r: (r["config"]["lora_r"], r["config"]["lora_alpha"])),
             ("routed-expert LoRA", lambda r: r["config"]["routed_experts"])]
-    lines = [f"{'':<20}{baseline['stack']:>22}{other['stack']:>22}  same?"]
+    records = [baseline, *others]
+    lines = [f"{'':<20}" + "".join(f"{r['stack']:>22}" for r in records) + "  same?"]
     for name, get in keys:
-        a, b = get(baseline), get(other)
-        lines.append(f"{name:<20}{str(a):>22}{str(b):>22}  {'yes' if a == b else 'NO'}")
+        values = [get(r) for r in records]
+        same = all(v == values[0] for v in values)
+        lines.append(f"{name:<20}" + "".join(f"{str(v):>22}" for v in values) + f"  {'yes' if same else 'NO'}")
     return "\n".join(lines)
 
 
-def reference_records(folder: str | Path = REFERENCE_RUNS) -> tuple[dict, dict]:
-    """The committed GPU run records (standard, unsloth) for machines that cannot train here."""
+def reference_records(folder: str | Path = REFERENCE_RUNS) -> tuple[dict, dict, dict | None]:
+    """The committed GPU run records (standard, unsloth, and fast where measured) for machines that cannot train."""
     from .training import load_run_record
     folder = Path(folder)
-    return load_run_record(folder / "standard.json"), load_run_record(folder / "unsloth.json")
+    fast = load_run_record(folder / "fast.json") if (folder / "fast.json").exists() else None
+    return load_run_record(folder / "standard.json"), load_run_record(folder / "unsloth.json"), fast
+
+
+def optional_run_record(path: str | Path) -> dict | None:
+    """The run record at `path` if that run exists (e.g. the fast-path rerun of notebook 03's run), else None."""
+    from .training import load_run_record
+    try:
+        return load_run_record(path)
+    except FileNotFoundError:
+        print(f"No run record at {path}: to add the fast path to the comparison, run "
+              f"`python train.py --fast --like <notebook 03's run folder>` on this GPU.")
+        return None
