@@ -126,7 +126,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing", default="all",
                    help="fast variant: block types that recompute activations (all, none, or e.g. mamba,moe)")
     p.add_argument("--fast-features", default=None,
-                   help="fast variant: comma list of helpers.fast.FEATURES to use (default: helpers.fast.DEFAULT_FEATURES); "
+                   help="fast variant: comma list of helpers.fast.FEATURES to use "
+                        "(default: helpers.fast.DEFAULT_FEATURES); "
                         "the ablation drops or adds one at a time")
     p.add_argument("--profile", action="store_true",
                    help="profile 2 steps after warm-up of each budget with torch.profiler; the top CUDA kernels go "
@@ -227,8 +228,8 @@ def refuse_early(args, variant) -> None:
             raise SystemExit("--variant unsloth needs a CUDA GPU: Unsloth does not run on CPU. Run the standard "
                              "variant on CPU (--arch tiny), or run this on a GPU machine.")
     if torch.cuda.is_available() and torch.cuda.device_count() > 1 and not hdist.launched():
-        raise SystemExit(f"{torch.cuda.device_count()} GPUs are visible to this one process; the Trainer would wrap the "
-                         "model in nn.DataParallel, which SFTTrainer refuses. For one GPU run with "
+        raise SystemExit(f"{torch.cuda.device_count()} GPUs are visible to this one process; the Trainer would wrap "
+                         "the model in nn.DataParallel, which SFTTrainer refuses. For one GPU run with "
                          "CUDA_VISIBLE_DEVICES=0; for several, use accelerate launch (configs/ddp.yaml).")
     if variant == "fast" and not torch.cuda.is_available():
         raise SystemExit("--variant fast packs rows into one sequence, which only the fused Mamba kernels (CUDA) keep "
@@ -872,7 +873,8 @@ def run_variant(args, variant: str, argv) -> dict:
         packed_first = packed_probe_loss(model, probe, pad_id) if variant == "fast" and not sharded else None
         if packed_first:
             print(f"First-batch loss, packed into one row: {packed_first['loss']:.4f} (per-row max |diff| vs padded "
-                  f"{packed_first['max_row_loss_diff']:.2e}; without seq_idx {packed_first['max_row_loss_diff_without_seq_idx']:.2e})",
+                  f"{packed_first['max_row_loss_diff']:.2e}; without seq_idx "
+                  f"{packed_first['max_row_loss_diff_without_seq_idx']:.2e})",
                   flush=True)
 
         # LoRA step = forward 2N + backward to activations 2N (frozen weights: no weight gradients) + recompute 2N
@@ -988,7 +990,8 @@ def write_record(record: dict, out: Path, find_max: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     variant = record["variant"] + ("-experts" if record["routed_experts"] else "")
     if record.get("fast"):
-        variant += "-" + "+".join(record["fast"].get("features", [])) + "-ckpt-" + record["fast"]["checkpointing"].replace(",", "+")
+        variant += ("-" + "+".join(record["fast"].get("features", [])) + "-ckpt-"
+                    + record["fast"]["checkpointing"].replace(",", "+"))
     name = f"{record['date'][:10]}_{_slug(record['gpu']['name'])}_{variant}_{record['arch']}"
     if _processes(record) > 1:  # 1-GPU and N-GPU runs of the same variant must not overwrite each other
         name += f"_{_processes(record)}x{record['distributed']['mode']}"
@@ -1094,7 +1097,8 @@ def scaling_table(records) -> str:
             f"| {_label(r, with_processes=False)} | {r['arch']} | {b['tokens_per_step_target']:,} | {n} | "
             f"{(r.get('distributed') or {}).get('mode', 'single')} | "
             f"{_fmt(tps, ',.0f') if tps else b.get('status', '?').upper()} | {_fmt(tps and tps / n, ',.0f')} | "
-            f"{_fmt(row['speedup'], '.2f')}{'x' if row['speedup'] else ''} | {_fmt(row['efficiency'], '.0%')} | {_fmt(row['peak_gib_per_gpu'], '.1f')} "
+            f"{_fmt(row['speedup'], '.2f')}{'x' if row['speedup'] else ''} | {_fmt(row['efficiency'], '.0%')} | "
+            f"{_fmt(row['peak_gib_per_gpu'], '.1f')} "
             f"| {r['gpu']['name']} | {r['date'][:10]} |")
     return "\n".join(lines)
 
@@ -1110,7 +1114,7 @@ def plot_scaling(records, out_path) -> Path:
         raise SystemExit("No benchmark records to compare.")
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 4.4))
     for x, row in enumerate(rows):
-        r, n = row["record"], _processes(row["record"])
+        n = _processes(row["record"])
         tps = row["budget"]["steady_tokens_per_second"]
         ax.bar(x, tps, width=0.6, color=plt.cm.tab10(min(n, 9) - 1))
         if row["speedup"] and n > 1:
@@ -1174,7 +1178,8 @@ def plot_records(records, out_path) -> Path:
                 xs.append(x)
                 heights.append(value or 0)
                 mem = b.get("peak_allocated_gib")
-                note = b.get("status", "?").upper() if b.get("status") != "ok" else (f"{mem:.0f} GiB" if mem is not None else "")
+                note = (b.get("status", "?").upper() if b.get("status") != "ok"
+                        else (f"{mem:.0f} GiB" if mem is not None else ""))
                 ax.text(x, (value or 0) + top * 0.01, note, ha="center", va="bottom", fontsize=7, rotation=90)
             ax.bar(xs, heights, width=width * 0.95, label=label, color=colours[label])
         ax.set_xticks(range(len(budgets)), [f"{b:,}" for b in budgets])

@@ -238,3 +238,20 @@ def test_fast_like_reruns_an_earlier_run_with_its_config(tmp_path):
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (32, 1)
     assert (cfg.learning_rate, cfg.max_steps, cfg.routed_experts, cfg.data_dir) == (1e-4, 25, True, str(tmp_path / "d"))
 
+
+
+def test_trace_copies_charges_each_copy_to_its_line_and_sees_lora_bf16_remove_one(tmp_path):
+    """benchmarks/trace_copies.py: PEFT's float32 copy of every LoRA input shows up, with its line, on the
+    standard path, and is gone with lora_bf16; backward copies are charged to the forward line that made them."""
+    import json
+
+    import trace_copies
+
+    common = ["--arch", "tiny", "--tokens", "512", "--top", "500"]
+    standard = trace_copies.main(common + ["--variant", "standard", "--out", str(tmp_path / "standard.json")])
+    assert json.loads((tmp_path / "standard.json").read_text())["calls"] == standard["calls"] > 0
+    peft_casts = [r for r in standard["top"] if "peft/tuners/tuners_utils.py" in r["where"]]
+    assert peft_casts and {r["dtypes"] for r in peft_casts} >= {"bfloat16->float32"}
+    assert any(r["phase"] == "backward" and "modeling_nemotron_h.py" in r["where"] for r in standard["top"])
+    lean = trace_copies.main(common + ["--variant", "fast", "--fast-features", "packing,lean_experts,lora_bf16"])
+    assert not any("peft/tuners/tuners_utils.py" in r["where"] for r in lean["top"])

@@ -59,7 +59,8 @@ def test_run_record_has_speed_memory_versions_and_loss(tiny_model_dir, sample_da
     assert saved == json.loads(json.dumps(record))
     assert record["steps"] == 3 and record["samples"] == 12 and record["tokens"] > 12 * 50
     assert record["tokens_per_second"] > 0 and record["seconds_per_step"] > 0
-    assert [s for s, _ in record["loss_history"]] == [1, 2, 3] and all(math.isfinite(l) for _, l in record["loss_history"])
+    assert [s for s, _ in record["loss_history"]] == [1, 2, 3]
+    assert all(math.isfinite(loss) for _, loss in record["loss_history"])
     assert record["versions"]["transformers"] == "5.17.0" and record["config"]["max_steps"] == 3
     assert record["hardware"]["device"] == "cpu" and record["trainable_parameters"] > 0
     assert (cfg.run_dir / "loss.png").stat().st_size > 1000

@@ -373,7 +373,8 @@ def make_synthetic_medmcqa(n: int, seed: int = 0, prefix: str = "syn") -> list[d
         letter = LETTERS[i % 4]
         word = rng.choice(_CODE_WORDS[letter])
         options = rng.sample(_FILLERS, 4)
-        rows.append({"id": f"{prefix}-{seed}-{i}", "question": f"Case {prefix} {i}: which option does the code word {word} point to?",
+        rows.append({"id": f"{prefix}-{seed}-{i}",
+                     "question": f"Case {prefix} {i}: which option does the code word {word} point to?",
                      "opa": options[0], "opb": options[1], "opc": options[2], "opd": options[3],
                      "cop": LETTERS.index(letter), "choice_type": "single",
                      "exp": f"The code word {word} always points to option {letter}.",

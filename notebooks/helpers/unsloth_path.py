@@ -82,8 +82,8 @@ def check_same_batch(trainer, cfg) -> dict:
 def fairness_table(baseline: dict, *others: dict) -> str:
     """Side by side: what must match between run records, and whether it does for every one of them."""
     keys = [("trainable_parameters", lambda r: r["trainable_parameters"]),
-            ("rows per step", lambda r: r["effective_batch"]["per_device"] * r["effective_batch"]["gradient_accumulation"]
-             * r["effective_batch"].get("processes", 1)),
+            ("rows per step", lambda r: r["effective_batch"]["per_device"]
+             * r["effective_batch"]["gradient_accumulation"] * r["effective_batch"].get("processes", 1)),
             ("max_length", lambda r: r["config"]["max_length"]), ("seed", lambda r: r["config"]["seed"]),
             ("steps", lambda r: r["steps"]), ("tokens trained", lambda r: r["tokens"]),
             ("lora r / alpha", lambda r: (r["config"]["lora_r"], r["config"]["lora_alpha"])),
