@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import shutil
 import sys
@@ -26,7 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "notebooks"))
 
-import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from helpers import data, distributed, evaluation, fast, model, training  # noqa: E402
@@ -64,13 +62,8 @@ def config_from_args(args) -> training.TrainConfig:
             changes[key] = value
     if getattr(args, "like", None):
         record = training.load_run_record(resolve_path(args.like))
-        fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
-        unknown = sorted(set(record["config"]) - fields)
-        if unknown:
-            print(f"--like {args.like}: its config has fields this version does not know, not used: {unknown}")
-        cfg = training.TrainConfig(**{k: v for k, v in record["config"].items() if k in fields})
         suffix = "-fast" if getattr(args, "fast", False) else "-again"
-        cfg = cfg.replace(**{"run_name": cfg.run_name + suffix, **changes})
+        cfg = training.config_of_run(record, **{"run_name": record["config"]["run_name"] + suffix, **changes})
     else:
         cfg = training.preset(args.preset, **changes)
     if getattr(args, "fast", False):  # same rows per optimizer step, packed into one micro-batch
@@ -92,13 +85,6 @@ def prepare_data(cfg, tokenizer, reuse: bool = False):
                                 max_length=cfg.max_length, with_explanation=cfg.with_explanation, seed=cfg.seed)
 
 
-def release_memory():
-    """Give freed memory back (call after `del`: the real model is 59 GiB, never hold two)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def preflight(cfg):
     """Check the GPU, disk and kernels; under FSDP each GPU needs only its share of the weights."""
     checks = model.preflight(cfg.model_id, shards=distributed.world_size() if distributed.fsdp_enabled() else 1)
@@ -106,17 +92,22 @@ def preflight(cfg):
         model.require(checks)
 
 
-def finish_sharded(cfg, record, manifest) -> dict:
-    """After FSDP training: the summary, without scores. No GPU holds the whole model, so scoring, reloading
-    and merging the saved adapter are left to a machine whose GPU does (notebook 03 from its scoring cells)."""
+def write_summary(cfg, record, manifest, **results) -> dict:
+    """The run's summary.json (printed too): where its record is, its data, speed, and `results`."""
     summary = {"run": cfg.run_name, "record": str(cfg.run_dir / "metrics.json"), "data_rows": manifest["rows"],
-               "adapter": str(cfg.checkpoint_dir), "processes": record["effective_batch"]["processes"],
-               "evaluation": "skipped under FSDP (the model is sharded over the GPUs): score the saved adapter on a "
-                             "GPU that holds the whole model (model.load_adapter + evaluation.evaluate)",
-               "tokens_per_second": record["steady_tokens_per_second"], "wall_seconds": record["wall_seconds"]}
+               **results, "tokens_per_second": record["steady_tokens_per_second"],
+               "wall_seconds": record["wall_seconds"], "processes": record["effective_batch"]["processes"]}
     (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("Summary:", json.dumps(summary, indent=1))
     return summary
+
+
+def finish_sharded(cfg, record, manifest) -> dict:
+    """After FSDP training: the summary, without scores. No GPU holds the whole model, so scoring, reloading
+    and merging the saved adapter are left to a machine whose GPU does (notebook 03 from its scoring cells)."""
+    return write_summary(cfg, record, manifest, adapter=str(cfg.checkpoint_dir),
+                         evaluation="skipped under FSDP (the model is sharded over the GPUs): score the saved adapter "
+                                    "on a GPU that holds the whole model (model.load_adapter + evaluation.evaluate)")
 
 
 def main(argv=None) -> dict | None:
@@ -133,9 +124,7 @@ def main(argv=None) -> dict | None:
     with distributed.main_process_first():  # one process writes the shared files, the others then reuse them
         if args.fresh and main_process:
             shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
-        if cfg.model_id == training.TINY_MODEL:
-            model.build_tiny_model(cfg.model_id)
-        preflight(cfg)
+        preflight(cfg)  # builds the offline tiny model the first time it is asked for
         tokenizer = model.load_tokenizer(cfg.model_id, cfg.revision)
         dataset, manifest = prepare_data(cfg, tokenizer, reuse=bool(args.like))
     val = dataset["validation"]
@@ -161,7 +150,7 @@ def main(argv=None) -> dict | None:
     evals["adapter"] = evaluation.evaluate(peft_model, tokenizer, val, f"{cfg.run_name}-adapter",
                                            limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
     del trainer, peft_model, base
-    release_memory()
+    model.free_memory()
 
     # The saved adapter, reloaded onto a fresh base, must give the same answers.
     fresh, tokenizer = model.load_model(cfg.model_id, revision=cfg.revision)
@@ -178,21 +167,11 @@ def main(argv=None) -> dict | None:
     agreement["merged"] = evaluation.compare_answers(evals["adapter"], evals["merged"])
     print("Merged model gives the same answers:", evaluation.describe_comparison(agreement["merged"]))
     if args.save_merged:
-        out = Path(cfg.output_root) / "merged" / cfg.run_name
-        model.merge_disk_check(out, merged)
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        print("Merged model saved to", out)
-
-    summary = {"run": cfg.run_name, "record": str(cfg.run_dir / "metrics.json"), "data_rows": manifest["rows"],
-               "reloaded_matches": agreement["reloaded"]["same"], "merged_matches": agreement["merged"]["same"],
-               "agreement_with_the_trained_adapter": agreement,  # sizes of the score differences, flips
-               **{f"{k}_accuracy": v["accuracy"] for k, v in evals.items()},
-               "tokens_per_second": record["steady_tokens_per_second"], "wall_seconds": record["wall_seconds"],
-               "processes": record["effective_batch"]["processes"]}
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("Summary:", json.dumps(summary, indent=1))
-    return summary
+        model.save_merged(merged, tokenizer, Path(cfg.output_root) / "merged" / cfg.run_name)
+    return write_summary(cfg, record, manifest, reloaded_matches=agreement["reloaded"]["same"],
+                         merged_matches=agreement["merged"]["same"],
+                         agreement_with_the_trained_adapter=agreement,  # sizes of the score differences, flips
+                         **{f"{k}_accuracy": v["accuracy"] for k, v in evals.items()})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import gc
 import json
 import math
 import os
@@ -65,7 +64,7 @@ VARIANTS = ("standard", "standard-nokernels", "unsloth", "fast")
 ARCHS = ("real", "slice8", "tiny")
 RESULTS = REPO / "benchmarks" / "results"
 FIND_MAX_BUDGETS = (2048, 4096, 8192, 16384, 32768)
-LORA_R, LORA_ALPHA = 16, 32
+LORA_R, LORA_ALPHA = htraining.TrainConfig.lora_r, htraining.TrainConfig.lora_alpha  # the tutorial's LoRA
 PROBE_ROWS = 4  # the fixed "first batch" whose loss every variant must reproduce
 GIB = 2**30
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name().
@@ -131,7 +130,7 @@ def parse_args(argv=None):
                         "the ablation drops or adds one at a time")
     p.add_argument("--profile", action="store_true",
                    help="profile 2 steps after warm-up of each budget with torch.profiler; the top CUDA kernels go "
-                        "to <out>/profile_<variant>_<budget>.txt")
+                        "to <out>/profile_<variant>-<checkpointing>_<arch>_<budget>.txt")
     p.add_argument("--peak-tflops", type=float, help="card peak dense bf16 TFLOP/s (default: from the GPU name)")
     p.add_argument("--plot", metavar="DIR", help="draw DIR/benchmark.png from the JSON records in DIR and exit")
     p.add_argument("--table", metavar="DIR", help="print a markdown table of the JSON records in DIR and exit")
@@ -234,6 +233,9 @@ def refuse_early(args, variant) -> None:
     if variant == "fast" and not torch.cuda.is_available():
         raise SystemExit("--variant fast packs rows into one sequence, which only the fused Mamba kernels (CUDA) keep "
                          "apart; run it on a GPU with mamba_ssm and causal_conv1d installed.")
+    if variant == "fast" and "packing" in hfast.parse_features(args.fast_features) and (
+            problem := hfast.kernels_problem()):  # before building the model, as train.py --fast does
+        raise SystemExit(problem)
     if args.arch != "tiny" and not args.model and not torch.cuda.is_available():
         raise SystemExit(f"--arch {args.arch} needs a CUDA GPU (its float32 weights would not fit in CPU memory); "
                          "use --arch tiny on CPU.")
@@ -347,13 +349,16 @@ def peak_flops(name: str, override_tflops=None) -> dict:
     return {"flops": None, "source": f"unknown card {name!r}: no MFU (pass --peak-tflops)"}
 
 
-def arch_config(arch: str, vocab_size: int):
-    """The NemotronHConfig of an architecture name."""
+def arch_config(arch: str, tokenizer):
+    """The NemotronHConfig of an architecture name, with the tokenizer's pad/bos/eos ids."""
     if arch == "tiny":
-        return hmodel.tiny_config(vocab_size=vocab_size)
-    if arch == "slice8":
-        return hmodel.nemotron_nano_config(hybrid_override_pattern=hmodel.NANO_PATTERN[:8])
-    return hmodel.nemotron_nano_config()
+        config = hmodel.tiny_config(vocab_size=len(tokenizer))
+    else:
+        config = hmodel.nemotron_nano_config(**({"hybrid_override_pattern": hmodel.NANO_PATTERN[:8]}
+                                                 if arch == "slice8" else {}))
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    return config
 
 
 def random_model_for_this_process(config, seed: int):
@@ -367,12 +372,13 @@ def random_model_for_this_process(config, seed: int):
     if not hdist.fsdp_enabled():
         return build_random_model(config, seed)
     model = build_random_model(config, seed).to("cpu")
-    free_memory()
+    hmodel.free_memory()
     return model
 
 
-def build_random_model(config, seed: int, device=None):
-    """NemotronHForCausalLM with seeded random weights, built directly on the GPU in bf16 (CPU: float32).
+def build_random_model(config, seed: int, dtype=None):
+    """NemotronHForCausalLM with seeded random weights, built directly on the GPU in bf16 (CPU: float32 unless
+    `dtype` says otherwise).
 
     Same config + same seed -> the same weights in every process. The router's score-correction bias is kept
     in float32, as from_pretrained does (`_keep_in_fp32_modules_strict`).
@@ -381,13 +387,13 @@ def build_random_model(config, seed: int, device=None):
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHTopkRouter
 
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     config.dtype = dtype
     previous = torch.get_default_dtype()
     torch.manual_seed(seed)
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device or hdist.device()):  # under accelerate launch: this process's own GPU
+        with torch.device(hdist.device()):  # under accelerate launch: this process's own GPU
             model = NemotronHForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
@@ -397,21 +403,25 @@ def build_random_model(config, seed: int, device=None):
     return model
 
 
+def random_lora_model(arch: str, seed: int, routed_experts: bool = False, dtype=None):
+    """(LoRA-wrapped random model of `arch`, the bench tokenizer): the setup of check_fast and trace_copies."""
+    tokenizer = bench_tokenizer()
+    model = build_random_model(arch_config(arch, tokenizer), seed, dtype)
+    torch.manual_seed(seed)  # LoRA A init
+    model, _ = hmodel.add_lora(model, hmodel.lora_config(r=LORA_R, alpha=LORA_ALPHA, routed_experts=routed_experts))
+    return model, tokenizer
+
+
 def bench_tokenizer(model_path=None):
     """The model's tokenizer, or the tiny BPE tokenizer (random-weight runs only need its pad id)."""
     if model_path:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(model_path)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        return hmodel.load_tokenizer(model_path)
     return hmodel.train_tiny_tokenizer(hmodel.sample_texts())
 
 
 def save_random_model_for_unsloth(args, tokenizer) -> Path:
     """Unsloth loads from a folder: save the seeded random model once (reused while config and seed match)."""
-    config = arch_config(args.arch, len(tokenizer))
-    _set_special_ids(config, tokenizer)
+    config = arch_config(args.arch, tokenizer)
     key = {"arch": args.arch, "seed": args.seed, "config": config.to_diff_dict(),
            "transformers": htraining.library_versions()["transformers"]}
     folder = Path(args.tmp_dir) / f"nemotron-bench-{args.arch}-seed{args.seed}"
@@ -431,15 +441,9 @@ def save_random_model_for_unsloth(args, tokenizer) -> Path:
     tokenizer.save_pretrained(folder)
     meta.write_text(json.dumps(key, default=str))
     del model
-    free_memory()
+    hmodel.free_memory()
     print(f"Saved the random {args.arch} model ({need:.1f} GiB) to {folder} in {time.perf_counter() - start:.0f} s")
     return folder
-
-
-def _set_special_ids(config, tokenizer):
-    config.pad_token_id = tokenizer.pad_token_id
-    config.bos_token_id = tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
 
 
 def lm_head_loss_path() -> str:
@@ -449,21 +453,19 @@ def lm_head_loss_path() -> str:
     return "helpers.training CPU fallback for TRL's fused LM head (plain PyTorch; TRL's Triton kernel needs a GPU)"
 
 
-def free_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ----------------------------------------------------------------------------------------------
 # Data: MedMCQA-shaped rows of random ids
 # ----------------------------------------------------------------------------------------------
 
 
-def length_distribution(args, tokenizer) -> dict:
-    """(prompt tokens, total tokens) pairs of real formatted rows, and where they came from."""
-    folder = Path(args.lengths_from) if args.lengths_from else hdata.FORMATTED_DIR
-    if args.lengths_from or (folder / "manifest.json").exists():
+def length_distribution(tokenizer, lengths_from=None, max_length: int = 1024, seed: int = 42) -> dict:
+    """(prompt tokens, total tokens) pairs of real formatted rows, and where they came from.
+
+    From `lengths_from` (a prepare_medmcqa output folder), else data/medmcqa_formatted if prepared, else the
+    shipped sample prepared on the fly with `tokenizer`; lengths are capped at `max_length`.
+    """
+    folder = Path(lengths_from) if lengths_from else hdata.FORMATTED_DIR
+    if lengths_from or (folder / "manifest.json").exists():
         dsd, manifest = hdata.load_formatted(folder)
         tok_name = (manifest.get("options") or {}).get("tokenizer")
         source = f"prepared dataset {folder} (source {manifest.get('options', {}).get('source')})"
@@ -471,7 +473,7 @@ def length_distribution(args, tokenizer) -> dict:
     else:
         temp = Path(tempfile.mkdtemp(prefix="bench-lengths-"))
         dsd, manifest = hdata.prepare_medmcqa(hdata.SAMPLE_DIR, out_dir=temp / "formatted", tokenizer=tokenizer,
-                                              max_length=args.max_length, seed=args.seed)
+                                              max_length=max_length, seed=seed)
         tok_name = getattr(tokenizer, "name_or_path", None) or "tiny BPE tokenizer (helpers.model.train_tiny_tokenizer)"
         source = f"shipped sample {hdata.SAMPLE_DIR.relative_to(REPO)} prepared with prepare_medmcqa (NOT the real " \
                  "MedMCQA distribution)"
@@ -481,15 +483,15 @@ def length_distribution(args, tokenizer) -> dict:
                          "helpers.data.prepare_medmcqa(..., tokenizer=...).")
     pairs = []
     for prompt, total in zip(dsd[split]["prompt_tokens"], dsd[split]["total_tokens"]):
-        prompt = min(prompt, args.max_length - 1)
-        pairs.append((prompt, max(min(total, args.max_length), prompt + 1)))
+        prompt = min(prompt, max_length - 1)
+        pairs.append((prompt, max(min(total, max_length), prompt + 1)))
     if temp:
         shutil.rmtree(temp, ignore_errors=True)
     totals = [t for _, t in pairs]
     return {"pairs": pairs, "source": source, "split": split, "tokenizer": tok_name, "rows": len(pairs),
             "mean_tokens": statistics.fmean(totals), "median_tokens": statistics.median(totals),
             "max_tokens": max(totals), "mean_prompt_tokens": statistics.fmean(p for p, _ in pairs),
-            "completion_share": sum(t - p for p, t in pairs) / sum(totals), "max_length": args.max_length}
+            "completion_share": sum(t - p for p, t in pairs) / sum(totals), "max_length": max_length}
 
 
 def random_rows(pairs, n_rows: int, vocab_size: int, seed) -> dict:
@@ -554,12 +556,14 @@ def packed_probe_loss(model, rows: dict, pad_id: int) -> dict:
     examples = [{"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
                 for ids, mask in zip(rows["input_ids"], rows["completion_mask"])]
     rows_check = per_row_losses(model, examples, pad_id)
+    weights = [sum(label != -100 for label in ex["labels"][1:]) for ex in examples]
     return {"row_losses": [round(x, 5) for x in rows_check["packed"]],
             "max_row_loss_diff": rows_check["max_abs_diff_packed"],
             "row_losses_without_seq_idx": [round(x, 5) for x in rows_check["packed_without_seq_idx"]],
             "max_row_loss_diff_without_seq_idx": rows_check["max_abs_diff_packed_without_seq_idx"],
             "row_losses_alone": [round(x, 5) for x in rows_check["alone"]],
-            "loss": sum(rows_check["packed"]) / len(examples)}
+            # weighted by each row's trained tokens, like the padded batch's loss it is printed beside
+            "loss": sum(w * x for w, x in zip(weights, rows_check["packed"])) / sum(weights)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,8 +596,7 @@ def load_variant_model(args, variant, tokenizer):
     if args.model:
         model, tokenizer = hmodel.load_model(args.model)
     else:
-        config = arch_config(args.arch, len(tokenizer))
-        _set_special_ids(config, tokenizer)
+        config = arch_config(args.arch, tokenizer)
         model = random_model_for_this_process(config, args.seed)
     if variant == "standard-nokernels":
         model.config.use_mamba_kernels = False  # recorded for readers; transformers 5.17 ignores it (see above)
@@ -620,7 +623,7 @@ def trainable_summary(model) -> dict:
     for name, p in model.named_parameters():
         if p.requires_grad:
             total += p.numel()
-            if ".experts." in name and ".shared_experts." not in name:
+            if ".experts." in name:  # ".shared_experts." does not contain ".experts."
                 routed += p.numel()
     return {"trainable_parameters": total, "trainable_on_routed_experts": routed,
             "lora_on_routed_experts": routed > 0}
@@ -737,7 +740,7 @@ def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, arg
             trainer.accelerator.free_memory()
     del trainer
     model.zero_grad(set_to_none=True)
-    free_memory()
+    hmodel.free_memory()
     print(f"  {budget:>6} tokens/step: " + (
         f"{result['steady_tokens_per_second']:,.0f} tokens/s, {result['seconds_per_step_median']} s/step"
         if result["status"] == "ok" else "OUT OF MEMORY" if result["status"] == "oom" else f"ERROR {error}"),
@@ -859,12 +862,12 @@ def run_variant(args, variant: str, argv) -> dict:
         trainable = trainable_summary(model)
         print(f"Model: {counts['total']:,} parameters, {counts['active_per_token']:,} active per token; "
               f"{trainable['trainable_parameters']:,} trainable", flush=True)
-        dist = length_distribution(args, length_tokenizer)
+        dist = length_distribution(length_tokenizer, args.lengths_from, args.max_length, args.seed)
         print(f"Row lengths: {dist['rows']} rows from {dist['source']}; mean {dist['mean_tokens']:.0f} tokens",
               flush=True)
 
         probe = random_rows(dist["pairs"], PROBE_ROWS, model.config.vocab_size, [args.seed, 7919])
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        pad_id = hmodel.pad_id(tokenizer)
         if sharded:
             first = {"loss": None, "skipped": "FSDP: the model is on the CPU (and sharded later), not probed"}
         else:
@@ -1070,7 +1073,8 @@ def scaling_rows(records) -> list[dict]:
     for r in sorted(records, key=lambda r: r["date"]):  # the newest one-process record is the baseline
         for b in r["budgets"]:
             key = (r["arch"], r["gpu"]["name"], r["variant"], bool(r.get("routed_experts")),
-                   (r.get("fast") or {}).get("checkpointing"), b["tokens_per_step_target"])
+                   tuple((r.get("fast") or {}).get("features", [])), (r.get("fast") or {}).get("checkpointing"),
+                   b["tokens_per_step_target"])
             if _processes(r) == 1 and b.get("status") == "ok":
                 base[key] = b["steady_tokens_per_second"]
             rows.append({"key": key, "record": r, "budget": b})

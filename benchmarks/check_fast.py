@@ -1,7 +1,7 @@
 """Is the fast path the same training as the standard one? Loss, per-row loss, LoRA gradients, loss curve.
 
     python benchmarks/check_fast.py --arch slice8 --out benchmarks/results     # GPU, real widths, random weights
-    python benchmarks/check_fast.py --arch full --out benchmarks/results       # GPU, all 52 layers
+    python benchmarks/check_fast.py --arch real --out benchmarks/results       # GPU, all 52 layers
 
 On identical rows it compares the standard batch (padded, attention mask) with the fast batch (packed into
 one row, position_ids + Mamba seq_idx, helpers.fast.PackedCollator):
@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 
 from helpers import fast, training  # noqa: E402
+from helpers import model as hmodel  # noqa: E402
 
 
 def lora_parameters(model) -> dict:
@@ -150,11 +151,11 @@ def training_curves(model, tokenizer, dataset, cfg, steps: int) -> dict:
         saved = _instance_forwards(model)
         run = cfg.replace(run_name=f"check-{name}", fast=is_fast, max_steps=steps, logging_steps=1,
                           gradient_accumulation_steps=1)
-        restore = fast.use_model_features(model, set())  # remembers the standard model
         trainer = training.make_trainer(model, tokenizer, dataset, run, save_strategy="no", report_to=[],
                                         disable_tqdm=True)  # fast=True switches the model-level pieces on
         trainer.train()
-        restore()
+        if trainer.restore_model_features:  # ... and this switches them off again
+            trainer.restore_model_features()
         curves[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         _restore_forwards(saved)
         del trainer
@@ -166,7 +167,7 @@ def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: i
     """All checks on one LoRA-wrapped model; returns a JSON-able record."""
     from bench import _instance_forwards, _restore_forwards
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = hmodel.pad_id(tokenizer)
     saved = _instance_forwards(model)
     trainer = training.make_trainer(model, tokenizer, dataset, cfg.replace(fast=False), save_strategy="no",
                                     report_to=[], disable_tqdm=True)
@@ -197,7 +198,6 @@ def main(argv=None) -> dict:
     import bench
     from datasets import Dataset
 
-    from helpers import model as hmodel
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="slice8", choices=["slice8", "real"])
@@ -211,16 +211,10 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("check_fast.py compares the fused-kernel fast path with the standard one: it needs a GPU. "
                          "The CPU tests (tests/test_fast.py) run the same checks on a tiny model without Mamba.")
-    tokenizer = bench.bench_tokenizer()
-    config = bench.arch_config(args.arch, len(tokenizer))
-    bench._set_special_ids(config, tokenizer)
-    model = bench.build_random_model(config, args.seed)
-    torch.manual_seed(args.seed)
-    model, _ = hmodel.add_lora(model, hmodel.lora_config(r=16, alpha=32, routed_experts=args.routed_experts))
-    dist_args = argparse.Namespace(lengths_from=None, max_length=1024, seed=args.seed)
-    dist = bench.length_distribution(dist_args, tokenizer)
+    model, tokenizer = bench.random_lora_model(args.arch, args.seed, routed_experts=args.routed_experts)
+    dist = bench.length_distribution(tokenizer, max_length=1024, seed=args.seed)
     n = args.rows_per_step * (args.steps + 1)
-    dataset = Dataset.from_dict(bench.random_rows(dist["pairs"], n, config.vocab_size, [args.seed, 1]))
+    dataset = Dataset.from_dict(bench.random_rows(dist["pairs"], n, model.config.vocab_size, [args.seed, 1]))
     cfg = training.TrainConfig(run_name="check", output_root=tempfile.mkdtemp(), max_length=1024,
                                per_device_train_batch_size=args.rows_per_step, gradient_accumulation_steps=1,
                                learning_rate=2e-4, warmup_ratio=0.0, seed=args.seed)

@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "notebooks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import bench  # noqa: E402  (its random-model helpers; it puts notebooks/ on the path)
 from helpers import model  # noqa: E402
 
 
@@ -26,19 +27,12 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    from transformers import AutoTokenizer, NemotronHForCausalLM
-
-    tiny = model.build_tiny_model()
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    tokenizer = bench.bench_tokenizer()
     config = model.nemotron_nano_config(hybrid_override_pattern=model.NANO_PATTERN[: args.layers],
                                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        llm = NemotronHForCausalLM(config)
+    llm = bench.build_random_model(config, args.seed, dtype=torch.bfloat16)
     print(f"built {sum(p.numel() for p in llm.parameters()) / 1e9:.2f}B parameters, "
           f"{args.layers} layers, in {time.perf_counter() - start:.1f} s")
     llm.save_pretrained(args.out)

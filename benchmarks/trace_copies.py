@@ -29,33 +29,37 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "notebooks"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from helpers import fast, model as hmodel, training  # noqa: E402
+from helpers import fast, training  # noqa: E402
 
 COPY_OPS = {"aten.copy_", "aten._to_copy", "aten.clone", "aten.contiguous", "aten.index_copy", "aten.index_copy_"}
 OUR_CODE = ("transformers/", "peft/", "trl/", "mamba_ssm/", "causal_conv1d/", "accelerate/", "helpers/")
 
 
-def _where(frames) -> str | None:
-    """'package/file.py:line code' of the innermost frame in the libraries that build the model, or None."""
-    for f in reversed(frames):
-        name = f.filename.replace("\\", "/")
-        if any(part in name for part in OUR_CODE) and "torch/utils" not in name:
-            short = name.split("site-packages/")[-1].split("notebooks/")[-1]
-            return f"{short}:{f.lineno} {(f.line or '').strip()}"
+def _innermost(frames) -> str | None:
+    """'package/file.py:line code' of the innermost (path, line, code) frame in the libraries that build the
+    model (not torch's own helpers), or None."""
+    for path, line, code in reversed(list(frames)):
+        path = path.replace("\\", "/")
+        if any(part in path for part in OUR_CODE) and "torch/utils" not in path:
+            return f"{path.split('site-packages/')[-1].split('notebooks/')[-1]}:{line} {(code or '').strip()}"
     return None
+
+
+def _where() -> str | None:
+    """The line of the running Python code that asked for the op (None inside autograd's backward)."""
+    return _innermost((f.filename, f.lineno, f.line) for f in traceback.extract_stack())
 
 
 def _forward_line_of_backward_op() -> str | None:
     """In the backward pass: the forward line that made the current autograd node (anomaly mode keeps it)."""
     node = torch._C._current_autograd_node()
     stack = node.metadata.get("traceback_") if node is not None else None
-    for entry in reversed(stack or []):  # traceback.format_stack() entries: '  File "path", line N, in f\n    code'
+    frames = []
+    for entry in stack or []:  # traceback.format_stack() entries: '  File "path", line N, in f\n    code'
         head, _, code = entry.strip().partition("\n")
-        path = head.split('"')[1] if head.count('"') >= 2 else ""
-        if any(part in path for part in OUR_CODE) and "torch/utils" not in path:
-            line = head.split("line ")[-1].split(",")[0]
-            return f"{path.split('site-packages/')[-1].split('notebooks/')[-1]}:{line} {code.strip()}"
-    return None
+        if head.count('"') >= 2:
+            frames.append((head.split('"')[1], head.split("line ")[-1].split(",")[0], code))
+    return _innermost(frames)
 
 
 class CopyTracer(TorchDispatchMode):
@@ -68,10 +72,11 @@ class CopyTracer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket)
-        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if name in COPY_OPS and source is not None and source.numel() >= self.min_elements:
+        # copy_(dest, src) writes into its first argument: the source is the second one
+        source = args[1] if name == "aten.copy_" and len(args) > 1 else (args[0] if args else None)
+        if name in COPY_OPS and isinstance(source, torch.Tensor) and source.numel() >= self.min_elements:
             result = out if isinstance(out, torch.Tensor) else source
-            where = _where(traceback.extract_stack())
+            where = _where()
             phase = "forward"
             if where is None:
                 where, phase = _forward_line_of_backward_op() or "(no Python line: inside autograd)", "backward"
@@ -126,16 +131,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="also write the report as JSON here")
     args = p.parse_args(argv)
 
-    tokenizer = bench.bench_tokenizer()
-    config = bench.arch_config(args.arch, len(tokenizer))
-    bench._set_special_ids(config, tokenizer)
-    llm = bench.build_random_model(config, args.seed)
-    if not torch.cuda.is_available():
-        llm = llm.to(torch.bfloat16)  # as on the GPU: bf16 weights, float32 LoRA, bf16 autocast
-    peft_model, _ = hmodel.add_lora(llm, hmodel.lora_config(r=16, alpha=32))
-    dist = bench.length_distribution(argparse.Namespace(lengths_from=None, max_length=1024, seed=args.seed), tokenizer)
-    rows = bench.random_rows(dist["pairs"], max(1, round(args.tokens / dist["mean_tokens"])), config.vocab_size,
-                             [args.seed, 3])
+    # as on the GPU: bf16 weights (the router's bias in float32), float32 LoRA, bf16 autocast
+    peft_model, tokenizer = bench.random_lora_model(args.arch, args.seed, dtype=torch.bfloat16)
+    dist = bench.length_distribution(tokenizer, max_length=1024, seed=args.seed)
+    rows = bench.random_rows(dist["pairs"], max(1, round(args.tokens / dist["mean_tokens"])),
+                             peft_model.config.vocab_size, [args.seed, 3])
     cfg = training.TrainConfig(run_name="trace", output_root=tempfile.mkdtemp(), max_length=1024,
                                per_device_train_batch_size=len(rows["input_ids"]), gradient_accumulation_steps=1,
                                fast=args.variant == "fast", checkpointing=args.checkpointing,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .data import LETTERS, require_labelled
+from .model import pad_id
 
 EVAL_DIR = Path(__file__).resolve().parents[2] / "outputs" / "eval"
 
@@ -47,7 +48,7 @@ def predict_letters(model, tokenizer, examples: list[dict], batch_size: int = 8,
     from tqdm.auto import tqdm
 
     letter_ids = torch.tensor(letter_token_ids(tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -56,7 +57,7 @@ def predict_letters(model, tokenizer, examples: list[dict], batch_size: int = 8,
     for batch in _batches(examples, batch_size):
         ids = [tokenizer(e["prompt"])["input_ids"] for e in batch]  # as TRL tokenizes the prompt
         width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = torch.tensor(row)
@@ -160,6 +161,6 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 96) -> 
     was_training = model.training
     model.eval()
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                            pad_token_id=pad_id(tokenizer))
     model.train(was_training)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -53,7 +53,7 @@ def parse_features(features: str | None) -> set[str]:
                          "fast_features, or drop 'varlen_attention'.")
     return chosen
 
-BLOCK_KINDS = ("mamba", "moe", "attention")  # the block names a checkpointing policy uses
+POLICY_BLOCKS = ("mamba", "moe", "attention")  # the block names a checkpointing policy uses
 
 
 def seq_idx_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -124,14 +124,14 @@ def parse_policy(policy: str) -> set[str]:
     """The block types a checkpointing policy recomputes: 'all', 'none' or e.g. 'mamba,moe'."""
     policy = policy.strip().lower()
     if policy == "all":
-        return set(BLOCK_KINDS)
+        return set(POLICY_BLOCKS)
     if policy in ("none", ""):
         return set()
     chosen = {p.strip() for p in policy.split(",")}
-    unknown = chosen - set(BLOCK_KINDS)
+    unknown = chosen - set(POLICY_BLOCKS)
     if unknown:
         raise ValueError(f"Unknown block type(s) {sorted(unknown)} in checkpointing policy {policy!r}; use 'all', "
-                         f"'none' or a comma list of {sorted(BLOCK_KINDS)}.")
+                         f"'none' or a comma list of {sorted(POLICY_BLOCKS)}.")
     return chosen
 
 
@@ -263,13 +263,12 @@ def row_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     [[0,1,2,0,1,0]] -> ([0,3,5,6], 3). Reading the longest row waits for the GPU once per batch, so the
     answer is kept for the other attention layers of the same forward pass.
     """
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
     if _LAST_BOUNDS[0] is position_ids:
         return _LAST_BOUNDS[1]
-    positions = position_ids[0]
-    starts = torch.nonzero(positions == 0).flatten()
-    end = torch.tensor([positions.numel()], device=positions.device)
-    cu_seqlens = torch.cat([starts, end]).to(torch.int32)
-    bounds = (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    (cu_seqlens, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids)  # transformers' own
+    bounds = (cu_seqlens, int(longest))
     _LAST_BOUNDS[:] = [position_ids, bounds]
     return bounds
 

@@ -316,6 +316,7 @@ def preflight(
     Prints one line per check and returns them; never raises. Pass the list to `require`.
     """
     model_id = str(model_id)
+    _build_tiny_if_missing(model_id)  # the offline tiny model is made on first use, as load_model does
     need_gib = estimate_weights_gib(model_id) if need_gib is None else need_gib
     checks = []
     for name, check, args in [
@@ -361,6 +362,20 @@ def load_tokenizer(model_id=DEFAULT_MODEL_ID, revision=None):
     return tokenizer
 
 
+def pad_id(tokenizer) -> int:
+    """The token id batches are padded with: the pad token, else eos (`load_tokenizer` sets pad = eos anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def free_memory() -> None:
+    """Give freed memory back (call after `del`: the real model is 59 GiB, never hold two)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def default_device_map():
     """Where `load_model` puts the weights on a GPU machine: all on this process's GPU.
 
@@ -394,11 +409,10 @@ def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     if device_map is None and on_gpu:
         device_map = default_device_map()  # all on this process's GPU: fail loudly, never offload
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         model_id, config=config, revision=revision, dtype=dtype, device_map=device_map,
-        trust_remote_code=False, **extra,
+        attn_implementation=attn_implementation, trust_remote_code=False,
     )
     tokenizer = load_tokenizer(model_id, revision)
     print(f"Loaded {model_id} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s")
@@ -520,11 +534,16 @@ def add_lora(model, config):
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, config)
+    return peft_model, trainable_stats(peft_model)
+
+
+def trainable_stats(peft_model, label: str = "LoRA") -> dict:
+    """Print and return how many parameters will train: {"trainable", "total", "share"}."""
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     stats = {"trainable": trainable, "total": total, "share": trainable / total}
-    print(f"LoRA: {trainable:,} trainable of {total:,} parameters ({stats['share']:.3%})")
-    return peft_model, stats
+    print(f"{label}: {trainable:,} trainable of {total:,} parameters ({stats['share']:.3%})")
+    return stats
 
 
 def lora_module_names(peft_model) -> list[str]:
@@ -573,3 +592,12 @@ def merge_disk_check(out_dir, model) -> dict:
             "or ship the LoRA adapter alone (tens of MB) and merge where it is used."
         )
     return {"need_gib": need, "free_gib": free}
+
+
+def save_merged(merged, tokenizer, out_dir) -> Path:
+    """Save a merged model and its tokenizer as one ordinary checkpoint folder, after `merge_disk_check`."""
+    merge_disk_check(out_dir, merged)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    print("Merged model saved to", out_dir)
+    return Path(out_dir)

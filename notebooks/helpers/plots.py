@@ -158,7 +158,7 @@ def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, 
     axes[4].set_xlabel("step")
     axes[4].legend(fontsize=8)
     v = records[0]["versions"]
+    unsloth = next((r["versions"].get("unsloth") for r in records if r["stack"] == "unsloth"), None)
     fig.suptitle(f"{' vs '.join(_label(r) for r in records)} - torch {v['torch']}, transformers "
-                 f"{v['transformers']}, trl {v['trl']}, peft {v['peft']}, unsloth "
-                 f"{records[-1]['versions'].get('unsloth')} {note}", fontsize=9)
+                 f"{v['transformers']}, trl {v['trl']}, peft {v['peft']}, unsloth {unsloth} {note}", fontsize=9)
     return _finish(fig, name, out_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .model import TINY_MODEL_DIR
+from .model import GIB, TINY_MODEL_DIR, _version, pad_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = REPO_ROOT / "outputs"
@@ -109,6 +109,18 @@ def preset(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
     return TrainConfig(**PRESETS[name]).replace(**overrides)
+
+
+def config_of_run(record: dict, **overrides) -> TrainConfig:
+    """The TrainConfig an earlier run record was trained with (to rerun or compare it), with field overrides.
+
+    Fields this version does not know (a record written by another version) are named and left out.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(record["config"]) - known)
+    if unknown:
+        print(f"Run {record.get('run_name')}: config fields this version does not know, not used: {unknown}")
+    return TrainConfig(**{k: v for k, v in record["config"].items() if k in known}).replace(**overrides)
 
 
 def cpu_processes_args() -> dict:
@@ -248,7 +260,11 @@ def use_cpu_loss_fallback() -> bool:
 
 
 def make_trainer(model, tokenizer, train_dataset, cfg: TrainConfig, callbacks=(), **sft_overrides):
-    """An SFTTrainer for a LoRA-wrapped `model`, with a StepTimer attached (as `trainer.step_timer`)."""
+    """An SFTTrainer for a LoRA-wrapped `model`, with a StepTimer attached (as `trainer.step_timer`).
+
+    With `cfg.fast`, `trainer.restore_model_features()` switches the model's fast-path pieces off again
+    (`train` calls it once training is done); otherwise it is None.
+    """
     from trl import SFTTrainer
 
     use_cpu_loss_fallback()
@@ -256,19 +272,20 @@ def make_trainer(model, tokenizer, train_dataset, cfg: TrainConfig, callbacks=()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(cfg.run_dir / "tensorboard")
     timer = StepTimer()
-    collator, callbacks = None, [timer, *callbacks]
+    collator, callbacks, restore_model = None, [timer, *callbacks], None
     if cfg.fast:  # stage 5: pack each micro-batch into one row (see helpers/fast.py)
         from . import fast
         features = fast.parse_features(cfg.fast_features)
         if "packing" in features:
             fast.require_packing_support(model, allow_state_leak=cfg.extra.get("allow_state_leak", False))
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            collator = fast.PackedCollator(pad_id, fast.ROUND_TO if "round_lengths" in features else None)
-        fast.use_model_features(model, features)  # lean experts, fused norms, varlen attention, bf16 LoRA inputs
+            collator = fast.PackedCollator(pad_id(tokenizer), fast.ROUND_TO if "round_lengths" in features else None)
+        # lean experts, fused norms, varlen attention, bf16 LoRA inputs; `train` switches them back afterwards
+        restore_model = fast.use_model_features(model, features)
         callbacks.append(fast.CheckpointPolicy(cfg.checkpointing))
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **sft_overrides), train_dataset=train_dataset,
                          processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
     trainer.step_timer = timer
+    trainer.restore_model_features = restore_model
     return trainer
 
 
@@ -293,6 +310,8 @@ def train(trainer, cfg: TrainConfig, resume: bool = True, stack: str = "standard
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
+    if getattr(trainer, "restore_model_features", None):  # fast path: evaluate and save with the standard model
+        trainer.restore_model_features()
     trainer.save_model(str(cfg.checkpoint_dir))  # the adapter + tokenizer (every process calls it; one writes)
     record = run_record(trainer, cfg, wall, stack, checkpoint, warmup_steps_excluded)
     if main:
@@ -334,14 +353,10 @@ def print_batch_plan(plan: dict) -> None:
 
 def library_versions() -> dict:
     """Versions of everything that decides speed or numerics, for the run record."""
-    from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version(), "torch_cuda": torch.version.cuda}
     for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo",
                  "mamba_ssm", "causal_conv1d"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
+        out[name] = _version(name)
     return out
 
 
@@ -350,11 +365,14 @@ def hardware() -> dict:
     if not torch.cuda.is_available():
         return {"device": "cpu", "gpu_name": None, "cpu_count": os.cpu_count()}
     props = torch.cuda.get_device_properties(0)
-    gib = 2 ** 30
     return {"device": "cuda", "gpu_name": props.name, "gpu_count": torch.cuda.device_count(),
-            "gpu_total_gib": round(props.total_memory / gib, 1),
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2)}
+            "gpu_total_gib": round(props.total_memory / GIB, 1), **_peak_memory()}
+
+
+def _peak_memory() -> dict:
+    """This process's peak GPU memory since the last reset, GiB."""
+    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2)}
 
 
 def tokens_per_second_after(record: dict, skip: int) -> float | None:
@@ -400,11 +418,9 @@ def run_record(trainer, cfg: TrainConfig, wall: float, stack: str, resumed_from,
 
 def process_memory() -> dict:
     """This process's rank, device and peak GPU memory (GiB), for the per-GPU line of the run record."""
-    gib = 2 ** 30
     out = {"rank": distributed.rank(), "device": str(distributed.device())}
     if torch.cuda.is_available():
-        out |= {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2)}
+        out |= _peak_memory()
     return out
 
 

@@ -51,15 +51,12 @@ def add_lora(llm, cfg, target_modules=None):
     """
     from unsloth import FastLanguageModel
 
-    from .model import LORA_TARGET_MODULES
+    from .model import LORA_TARGET_MODULES, trainable_stats
     peft_model = FastLanguageModel.get_peft_model(
         llm, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(target_modules or LORA_TARGET_MODULES), bias="none",
         use_gradient_checkpointing="unsloth", random_state=cfg.seed)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
-    print(f"Unsloth LoRA: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
-    return peft_model, {"trainable": trainable, "total": total, "share": trainable / total}
+    return peft_model, trainable_stats(peft_model, "Unsloth LoRA")
 
 
 def check_same_batch(trainer, cfg) -> dict:
@@ -82,8 +79,7 @@ def check_same_batch(trainer, cfg) -> dict:
 def fairness_table(baseline: dict, *others: dict) -> str:
     """Side by side: what must match between run records, and whether it does for every one of them."""
     keys = [("trainable_parameters", lambda r: r["trainable_parameters"]),
-            ("rows per step", lambda r: r["effective_batch"]["per_device"]
-             * r["effective_batch"]["gradient_accumulation"] * r["effective_batch"].get("processes", 1)),
+            ("rows per step", lambda r: r["effective_batch"]["rows_per_step"]),
             ("max_length", lambda r: r["config"]["max_length"]), ("seed", lambda r: r["config"]["seed"]),
             ("steps", lambda r: r["steps"]), ("tokens trained", lambda r: r["tokens"]),
             ("lora r / alpha", lambda r: (r["config"]["lora_r"], r["config"]["lora_alpha"])),
