@@ -117,6 +117,8 @@ def main(argv=None) -> dict | None:
     cfg = config_from_args(args)
     if cfg.fast and "packing" in fast.parse_features(cfg.fast_features) and (problem := fast.kernels_problem()):
         raise SystemExit(problem)  # before loading anything (the real model is 59 GiB)
+    if cfg.fast:
+        fast.prefer_expandable_segments()  # before CUDA starts: less fragmentation near the card's limit
     distributed.init()  # several processes: join the group, claim GPU LOCAL_RANK (no-op for one process)
     main_process = distributed.is_main_process()
     if main_process:

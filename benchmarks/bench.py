@@ -404,7 +404,7 @@ def build_random_model(config, seed: int, dtype=None):
 
 
 def random_lora_model(arch: str, seed: int, routed_experts: bool = False, dtype=None):
-    """(LoRA-wrapped random model of `arch`, the bench tokenizer): the setup of check_fast and trace_copies."""
+    """(LoRA-wrapped random model of `arch`, the bench tokenizer): the setup of check_fast and trace_ops."""
     tokenizer = bench_tokenizer()
     model = build_random_model(arch_config(arch, tokenizer), seed, dtype)
     torch.manual_seed(seed)  # LoRA A init
@@ -823,7 +823,8 @@ def launch_command() -> str:
 
 def distributed_facts() -> dict:
     """Processes, how the model is spread over them, and the launcher settings that matter for speed."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(("FSDP_", "NCCL_")) or k == "ACCELERATE_MIXED_PRECISION"}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("FSDP_", "NCCL_")) or k in ("ACCELERATE_MIXED_PRECISION", "PYTORCH_CUDA_ALLOC_CONF")}
     mode = ("fsdp" if hdist.fsdp_enabled() else "ddp") if hdist.launched() else "single"
     return {"processes": hdist.world_size(), "mode": mode, "tokens_per_step_is": "per process (per GPU)",
             "tokens_per_second_is": "all processes together", "memory_is": "per GPU (budgets[].per_process)",
@@ -832,6 +833,8 @@ def distributed_facts() -> dict:
 
 def run_variant(args, variant: str, argv) -> dict:
     refuse_early(args, variant)
+    if variant == "fast":
+        hfast.prefer_expandable_segments()  # before CUDA starts (recorded under distributed.environment)
     started = time.perf_counter()
     kernel_choice = choose_mamba_kernels(variant)
     if variant == "unsloth":
@@ -994,7 +997,7 @@ def write_record(record: dict, out: Path, find_max: bool) -> Path:
     variant = record["variant"] + ("-experts" if record["routed_experts"] else "")
     if record.get("fast"):
         variant += ("-" + "+".join(record["fast"].get("features", [])) + "-ckpt-"
-                    + record["fast"]["checkpointing"].replace(",", "+"))
+                    + record["fast"]["checkpointing"].replace(",", "+").replace(":", "x"))
     name = f"{record['date'][:10]}_{_slug(record['gpu']['name'])}_{variant}_{record['arch']}"
     if _processes(record) > 1:  # 1-GPU and N-GPU runs of the same variant must not overwrite each other
         name += f"_{_processes(record)}x{record['distributed']['mode']}"

@@ -46,7 +46,8 @@ def randomize_lora_b(model, seed: int = 0, std: float = 0.02) -> None:
                 p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.device, p.dtype))
 
 
-def loss_and_grads(trainer, model, batch, num_items_in_batch=None, zero: bool = True) -> tuple[float, dict]:
+def loss_and_grads(trainer, model, batch, num_items_in_batch=None, zero: bool = True,
+                   autocast: bool = True) -> tuple[float, dict]:
     """Loss from the trainer's own compute_loss on `batch`, and every LoRA gradient (float32 copies).
 
     `zero=False` adds to the gradients already there (with `num_items_in_batch` = the tokens of all rows,
@@ -57,11 +58,17 @@ def loss_and_grads(trainer, model, batch, num_items_in_batch=None, zero: bool = 
     model.train()
     if zero:
         model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
+    with trainer_autocast(trainer) if autocast else torch.autocast(device.type, enabled=False):
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
     loss.backward()
     grads = {n: (p.grad.detach().float().clone() if p.grad is not None else None)
              for n, p in lora_parameters(model).items()}
     return loss.item(), grads
+
+
+def trainer_autocast(trainer):
+    """The autocast the Trainer runs its forward pass in (accelerate's: bf16 on a GPU; none on a CPU in float32)."""
+    return trainer.accelerator.autocast()
 
 
 def row_by_row_grads(trainer, model, examples) -> dict:
@@ -89,7 +96,7 @@ def per_row_losses(model, examples, pad_id: int) -> dict:
     model.train()
     packed = {k: v.to(device) for k, v in fast.PackedCollator(pad_id)(examples).items()}
     out = {"alone": [], "packed": [], "packed_without_seq_idx": []}
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for ex in examples:
             ids = torch.tensor([ex["input_ids"]], device=device)
             out["alone"].append(_row_loss(model(input_ids=ids, use_cache=False).logits[0],
@@ -163,8 +170,24 @@ def training_curves(model, tokenizer, dataset, cfg, steps: int) -> dict:
     return {**curves, "max_rel_diff": max(diffs), "steps": steps}
 
 
-def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: int = 0) -> dict:
-    """All checks on one LoRA-wrapped model; returns a JSON-able record."""
+def float32_reference(model, tokenizer, dataset, cfg, examples, seed: int) -> tuple[float, dict]:
+    """The standard path's loss and LoRA gradients in float32 without autocast: the yardstick both bf16 paths
+    are measured against. Converts the model to float32 for good (call it last)."""
+    model.float()
+    randomize_lora_b(model, seed)
+    trainer = training.make_trainer(model, tokenizer, dataset, cfg.replace(fast=False), save_strategy="no",
+                                    report_to=[], disable_tqdm=True)
+    return loss_and_grads(trainer, model, trainer.data_collator(examples), autocast=False)
+
+
+def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: int = 0,
+          compare_features: list[str] | None = None, float32: bool = False) -> dict:
+    """All checks on one LoRA-wrapped model; returns a JSON-able record.
+
+    `compare_features`: other fast_features sets whose loss and gradients are also compared with the
+    standard path's (one piece at a time, to see which one moves the numbers). `float32`: finally, compare
+    both paths with the standard path's float32 gradients (the model stays in float32 afterwards).
+    """
     from bench import _instance_forwards, _restore_forwards
 
     pad_id = hmodel.pad_id(tokenizer)
@@ -179,18 +202,34 @@ def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: i
     with fast_model(model, cfg):
         fast_loss, fast_grads = loss_and_grads(trainer, model, fast.PackedCollator(pad_id)(examples))
         rows_check = per_row_losses(model, examples, pad_id)
+    by_features = []
+    for features in compare_features or []:
+        with fast_model(model, cfg.replace(fast_features=features)):
+            loss, grads = loss_and_grads(trainer, model, fast.PackedCollator(pad_id)(examples))
+        by_features.append({"features": features, "loss_abs_diff": abs(std_loss - loss),
+                            "grads": compare_grads(grads, std_grads)})
     with torch.no_grad():  # back to the LoRA init (B = 0) for the training runs
         for n, p in lora_parameters(model).items():
             p.copy_(snapshot[n])
     _restore_forwards(saved)
     del trainer
+    curves = training_curves(model, tokenizer, dataset, cfg, steps)
+    reference = {}
+    if float32:
+        with torch.no_grad():
+            for n, p in lora_parameters(model).items():
+                p.copy_(snapshot[n])
+        ref_loss, ref_grads = float32_reference(model, tokenizer, dataset, cfg, examples, seed)
+        reference = {"loss": ref_loss, "standard_bf16": compare_grads(std_grads, ref_grads),
+                     "fast_bf16": compare_grads(fast_grads, ref_grads)}
     return {
         "rows": len(examples), "tokens": sum(len(e["input_ids"]) for e in examples),
         "loss": {"standard": std_loss, "fast": fast_loss, "abs_diff": abs(std_loss - fast_loss)},
         "per_row": rows_check,
         "grads": compare_grads(fast_grads, std_grads),
         "grads_noise_floor": compare_grads(row_grads, std_grads),
-        "training": training_curves(model, tokenizer, dataset, cfg, steps),
+        "features": sorted(fast.parse_features(cfg.fast_features)), "by_features": by_features,
+        "training": curves, "float32_reference": reference,
     }
 
 
@@ -206,6 +245,11 @@ def main(argv=None) -> dict:
     p.add_argument("--rows-per-step", type=int, default=32)
     p.add_argument("--routed-experts", action="store_true")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--fast-features", default=None, help="the fast path's pieces (default: all of them)")
+    p.add_argument("--compare-features", nargs="*", default=[], metavar="FEATURES",
+                   help="also compare the loss and gradients of these fast_features sets (e.g. one piece added each)")
+    p.add_argument("--float32-reference", action="store_true",
+                   help="also compare both paths' gradients with the standard path's in float32 (slice8 fits)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -217,11 +261,12 @@ def main(argv=None) -> dict:
     dataset = Dataset.from_dict(bench.random_rows(dist["pairs"], n, model.config.vocab_size, [args.seed, 1]))
     cfg = training.TrainConfig(run_name="check", output_root=tempfile.mkdtemp(), max_length=1024,
                                per_device_train_batch_size=args.rows_per_step, gradient_accumulation_steps=1,
-                               learning_rate=2e-4, warmup_ratio=0.0, seed=args.seed)
+                               learning_rate=2e-4, warmup_ratio=0.0, seed=args.seed, fast_features=args.fast_features)
     record = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "arch": args.arch,
               "gpu": torch.cuda.get_device_name(), "versions": training.library_versions(),
               "routed_experts": args.routed_experts, "kernels": bench._kernel_status(),
-              **check(model, tokenizer, dataset, cfg, rows=args.rows, steps=args.steps, seed=args.seed)}
+              **check(model, tokenizer, dataset, cfg, rows=args.rows, steps=args.steps, seed=args.seed,
+                      compare_features=args.compare_features, float32=args.float32_reference)}
     out = Path(args.out) / f"fast_check_{args.arch}{'_experts' if args.routed_experts else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=str))
@@ -232,7 +277,12 @@ def main(argv=None) -> dict:
             "without_grad": len(record["grads"]["without_grad"])},
         "grads_noise_floor_max_rel_error": record["grads_noise_floor"]["max_rel_error"],
         "grads_noise_floor_median_rel_error": record["grads_noise_floor"]["median_rel_error"],
-        "training_max_rel_diff": record["training"]["max_rel_diff"]}
+        "training_max_rel_diff": record["training"]["max_rel_diff"],
+        "float32_reference": {k: ([v["median_rel_error"], v["max_rel_error"]] if isinstance(v, dict) else v)
+                              for k, v in record["float32_reference"].items()},
+        "by_features": [{"features": r["features"], "loss_abs_diff": r["loss_abs_diff"],
+                         "grads_median_max": [r["grads"]["median_rel_error"], r["grads"]["max_rel_error"]]}
+                        for r in record["by_features"]]}
     print(json.dumps(summary, indent=1))
     print("Record:", out)
     return record

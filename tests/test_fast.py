@@ -68,7 +68,8 @@ def test_packed_and_padded_batches_give_the_same_loss_rows_and_lora_gradients(ti
     tok, train = sample
     llm = tiny_model(tiny_dir, "*E*E")
     peft_model, _ = model.add_lora(llm, model.lora_config())
-    record = check_fast.check(peft_model, tok, train, cfg_for(tmp_path), rows=6, steps=4)
+    record = check_fast.check(peft_model, tok, train, cfg_for(tmp_path), rows=6, steps=4,
+                              compare_features=["packing,lean_experts"], float32=True)
     assert record["loss"]["abs_diff"] < 1e-5
     assert record["per_row"]["max_abs_diff_packed"] < 1e-5
     assert record["grads"]["without_grad"] == [] and record["grads"]["tensors"] > 0
@@ -77,6 +78,11 @@ def test_packed_and_padded_batches_give_the_same_loss_rows_and_lora_gradients(ti
     # the same rows, in the same order, through trainer.train(): the loss curves coincide
     assert len(record["training"]["fast"]) == len(record["training"]["standard"]) >= 4
     assert record["training"]["max_rel_diff"] < 1e-4
+    # the piece-by-piece comparison and the float32 yardstick (the model is float32 on a CPU: all agree)
+    assert [r["features"] for r in record["by_features"]] == ["packing,lean_experts"]
+    assert record["by_features"][0]["grads"]["max_rel_error"] < 1e-4
+    assert record["float32_reference"]["fast_bf16"]["max_rel_error"] < 1e-4
+    assert record["float32_reference"]["standard_bf16"]["max_rel_error"] < 1e-4
 
 
 def test_fast_path_refuses_mamba_layers_without_the_fused_kernels(tiny_dir, sample, tmp_path):
@@ -88,7 +94,8 @@ def test_fast_path_refuses_mamba_layers_without_the_fused_kernels(tiny_dir, samp
 
 
 @pytest.mark.parametrize("policy,expected", [("all", {"attention": 2, "moe": 2}), ("none", {"attention": 0, "moe": 0}),
-                                             ("moe", {"attention": 0, "moe": 2})])
+                                             ("moe", {"attention": 0, "moe": 2}),
+                                             ("moe:1", {"attention": 0, "moe": 1})])
 def test_checkpointing_policy_is_applied_when_training_starts(tiny_dir, sample, tmp_path, policy, expected):
     tok, train = sample
     peft_model, _ = model.add_lora(tiny_model(tiny_dir, "*E*E"), model.lora_config())
@@ -98,13 +105,30 @@ def test_checkpointing_policy_is_applied_when_training_starts(tiny_dir, sample, 
     applied = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "policy")).applied
     assert applied == expected
     layers = peft_model.get_base_model().model.layers
-    assert [bool(layer.gradient_checkpointing) for layer in layers] == [
-        fast._block_kind(layer.block_type) in fast.parse_policy(policy) for layer in layers]
+    on = [fast._block_kind(layer.block_type) for layer in layers if layer.gradient_checkpointing]
+    assert {kind: on.count(kind) for kind in ("attention", "moe")} == expected
 
 
-def test_bad_checkpointing_policy_names_the_choices():
+@pytest.mark.parametrize("policy", ["mamba,experts", "moe:x"])
+def test_bad_checkpointing_policy_names_the_choices(policy):
     with pytest.raises(ValueError, match="'all', 'none' or a comma list"):
-        fast.parse_policy("mamba,experts")
+        fast.parse_policy(policy)
+
+
+def test_checkpointing_policy_counts_blocks():
+    assert fast.parse_policy("mamba, moe:8") == {"mamba": None, "moe": 8}
+    assert fast.parse_policy("all") == {"mamba": None, "moe": None, "attention": None}
+    assert fast.parse_policy("none") == {}
+
+
+def test_expandable_segments_are_asked_for_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert fast.prefer_expandable_segments() is (not torch.cuda.is_initialized())
+    import os
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert fast.prefer_expandable_segments() is False
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"  # the user's choice stays
 
 
 def test_fold_accumulation_keeps_the_effective_batch():
@@ -136,6 +160,163 @@ def test_lean_experts_match_transformers_experts_with_routed_expert_lora(tiny_di
     assert ref_grads.keys() == lean_grads.keys() and any(".experts." in n for n in ref_grads)
     for name in ref_grads:
         assert torch.allclose(lean_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def _moe_run(peft_model, x):
+    """Output of the first MoE block for `x`, and every gradient (x's and the LoRA parameters')."""
+    peft_model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    moe = peft_model.get_base_model().model.layers[0].mixer
+    out = moe(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("routed_experts", [False, True])
+def test_compact_experts_match_lean_experts_and_fall_back_for_routed_lora(tiny_dir, routed_experts):
+    """The written-out backward gives the same output and gradients as autograd through the lean experts: the
+    input's gradient (through the experts and through the routing weights) and every LoRA gradient. With LoRA
+    on the routed experts (weights that train) the lean experts run instead."""
+    llm = tiny_model(tiny_dir, "E")
+    peft_model, _ = model.add_lora(llm, model.lora_config(routed_experts=routed_experts))
+    check_fast.randomize_lora_b(peft_model)
+    x = torch.randn(37, llm.config.hidden_size)
+    fast.use_lean_experts(peft_model)
+    lean, lean_x_grad, lean_grads = _moe_run(peft_model, x)
+    calls = []
+    original = fast.CompactExperts.apply
+    fast.CompactExperts.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        assert fast.use_lean_experts(peft_model, "compact_grouped_mm") == "lean_grouped_mm"
+        compact, compact_x_grad, compact_grads = _moe_run(peft_model, x)
+    finally:
+        fast.CompactExperts.apply = original
+    assert bool(calls) is not routed_experts
+    assert torch.allclose(compact, lean, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(compact_x_grad, lean_x_grad, atol=1e-5, rtol=1e-4)
+    assert lean_grads.keys() == compact_grads.keys() and lean_grads
+    assert any(".experts." in n for n in lean_grads) is routed_experts
+    for name in lean_grads:
+        assert torch.allclose(compact_grads[name], lean_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_compact_experts_gradients_match_finite_differences():
+    """Both inputs' gradients, the routing weights' included, against torch.autograd.gradcheck (float32: the
+    grouped GEMM has no float64 kernel)."""
+    torch.manual_seed(0)
+    tokens, experts, k, hidden, inner = 5, 4, 2, 4, 8  # widths: multiples of 16 bytes for the CPU kernel
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    weights = torch.rand(tokens, k, requires_grad=True)
+    index = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
+    up, down = torch.randn(experts, inner, hidden), torch.randn(experts, hidden, inner)
+    assert torch.autograd.gradcheck(lambda a, b: fast.CompactExperts.apply(a, b, index, up, down, False),
+                                    (x, weights), eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+def test_fused_expert_steps_compile_the_same_maths():
+    """fused_expert_act + fused_slot_sum: the torch.compile'd steps give CompactExperts' eager results
+    (here on a CPU, where inductor writes C++; on a GPU it writes one Triton kernel each)."""
+    torch.manual_seed(0)
+    tokens, experts, k, hidden, inner = 9, 4, 2, 8, 16
+    index = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
+    up, down = torch.randn(experts, inner, hidden), torch.randn(experts, hidden, inner)
+    x, weights, grad = torch.randn(tokens, hidden), torch.rand(tokens, k), torch.randn(tokens, hidden)
+    results = []
+    for fused in (frozenset(), frozenset({"act", "sum"})):
+        xi, wi = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        out = fast.CompactExperts.apply(xi, wi, index, up, down, False, fused)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, wi.grad))
+    for eager, fused in zip(*results):
+        assert torch.allclose(fused, eager, atol=1e-5, rtol=1e-5)
+    assert {fast._relu2_weighted, fast._relu2_weighted_backward, fast._add_up_slots} <= set(fast._COMPILED)
+    for name in ("fused_expert_act", "fused_slot_sum"):
+        with pytest.raises(ValueError, match="add 'compact_experts'"):
+            fast.parse_features(f"packing,{name}")
+
+
+def test_model_features_mark_the_compiled_expert_steps_and_take_them_back(tiny_dir):
+    llm = tiny_model(tiny_dir, "E")
+    experts = llm.model.layers[0].mixer.experts
+    restore = fast.use_model_features(llm, {"compact_experts", "fused_slot_sum"})
+    assert experts._fast_fused == frozenset({"sum"}) and llm.config._experts_implementation == "compact_grouped_mm"
+    restore()
+    assert not hasattr(experts, "_fast_fused") and llm.config._experts_implementation != "compact_grouped_mm"
+
+
+def test_bf16_relu2_gives_the_float32_squares_bits_without_float32_tensors():
+    """ReLUSquared in bf16 == the float32 square rounded to bf16 (what autocast feeds the next matmul), forward
+    and backward, and use_model_features swaps it into the shared experts and back."""
+    x = torch.randn(4096, dtype=torch.bfloat16).requires_grad_(True)
+    grad = torch.randn(4096, dtype=torch.bfloat16)
+    out = fast.ReLUSquared()(x)
+    out.backward(grad)
+    reference_x = x.detach().float().requires_grad_(True)
+    reference = torch.square(torch.relu(reference_x))
+    reference.backward(grad.float())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference.to(torch.bfloat16))
+    assert torch.equal(x.grad, reference_x.grad.to(torch.bfloat16))
+
+
+def test_bf16_relu2_is_switched_into_the_shared_experts_and_back(tiny_dir):
+    llm = tiny_model(tiny_dir, "*E")
+    shared = llm.model.layers[1].mixer.shared_experts
+    stock = shared.act_fn
+    restore = fast.use_model_features(llm, {"bf16_relu2"})
+    assert isinstance(shared.act_fn, fast.ReLUSquared)
+    restore()
+    assert shared.act_fn is stock
+
+
+def _logits_and_lora_grads(peft_model, ids, autocast: bool = False):
+    peft_model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = peft_model(input_ids=ids).logits
+    (logits.float() * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+
+
+def test_lora_addmm_gives_peft_outputs_and_gradients_and_leaves_other_adapters_to_peft(tiny_dir):
+    """One GEMM that adds the scaled low-rank product into the frozen output: PEFT's logits and LoRA gradients
+    (float32 to 1e-5; under bf16 autocast to bf16 rounding); with dropout PEFT's own forward runs."""
+    llm = tiny_model(tiny_dir, "*E")
+    peft_model, _ = model.add_lora(llm, model.lora_config())
+    check_fast.randomize_lora_b(peft_model)
+    ids = torch.randint(3, 200, (2, 13))
+    reference, ref_grads = _logits_and_lora_grads(peft_model, ids)
+    ref_bf16, _ = _logits_and_lora_grads(peft_model, ids, autocast=True)
+    restore = fast.use_model_features(peft_model, {"lora_addmm"})
+    peft_calls = []  # PEFT's own forward calls lora_B as a module; the addmm path only reads its weight
+    hook = peft_model.get_base_model().model.layers[0].mixer.q_proj.lora_B["default"].register_forward_hook(
+        lambda *a: peft_calls.append(1))
+    fused, grads = _logits_and_lora_grads(peft_model, ids)
+    fused_bf16, _ = _logits_and_lora_grads(peft_model, ids, autocast=True)
+    assert not peft_calls and torch.allclose(fused, reference, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4), name
+    assert (fused_bf16.float() - ref_bf16.float()).abs().max() < 0.05 * ref_bf16.float().abs().max()
+    peft_model.get_base_model().to(torch.bfloat16)  # bf16 layers, float32 LoRA, no autocast: PEFT's float32 sum
+    for module in peft_model.modules():
+        if hasattr(module, "lora_A"):
+            module.lora_A.float(), module.lora_B.float()
+    with torch.no_grad():
+        assert peft_model(input_ids=ids).logits.dtype == torch.float32 and peft_calls
+    restore()
+    hook.remove()
+    assert all("forward" not in vars(m) for m in peft_model.modules())
+
+    with_dropout, _ = model.add_lora(tiny_model(tiny_dir, "*E"), model.lora_config(dropout=0.5))
+    fast.use_lora_addmm(with_dropout)
+    with_dropout.eval()  # dropout off in eval, but the layer has a Dropout: PEFT's forward must run
+    layer = with_dropout.get_base_model().model.layers[0].mixer.q_proj
+    seen = []
+    layer.lora_B["default"].register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        with_dropout(input_ids=ids)
+    assert seen
 
 
 def test_varlen_attention_needs_packing():
@@ -240,18 +421,33 @@ def test_fast_like_reruns_an_earlier_run_with_its_config(tmp_path):
 
 
 
-def test_trace_copies_charges_each_copy_to_its_line_and_sees_lora_bf16_remove_one(tmp_path):
-    """benchmarks/trace_copies.py: PEFT's float32 copy of every LoRA input shows up, with its line, on the
-    standard path, and is gone with lora_bf16; backward copies are charged to the forward line that made them."""
+def test_trace_ops_charges_each_copy_to_its_line_and_sees_lora_bf16_remove_one(tmp_path):
+    """benchmarks/trace_ops.py --ops copies: PEFT's float32 copy of every LoRA input shows up, with its line, on
+    the standard path, and is gone with lora_bf16; backward copies are charged to the forward line that made them."""
     import json
 
-    import trace_copies
+    import trace_ops
 
-    common = ["--arch", "tiny", "--tokens", "512", "--top", "500"]
-    standard = trace_copies.main(common + ["--variant", "standard", "--out", str(tmp_path / "standard.json")])
+    common = ["--arch", "tiny", "--tokens", "512", "--top", "500", "--ops", "copies"]
+    standard = trace_ops.main(common + ["--variant", "standard", "--out", str(tmp_path / "standard.json")])
     assert json.loads((tmp_path / "standard.json").read_text())["calls"] == standard["calls"] > 0
+    assert {r["op"] for r in standard["top"]} <= trace_ops.COPY_OPS
     peft_casts = [r for r in standard["top"] if "peft/tuners/tuners_utils.py" in r["where"]]
-    assert peft_casts and {r["dtypes"] for r in peft_casts} >= {"bfloat16->float32"}
+    assert peft_casts and {r["dtypes"] for r in peft_casts} >= {"bf16->f32"}
     assert any(r["phase"] == "backward" and "modeling_nemotron_h.py" in r["where"] for r in standard["top"])
-    lean = trace_copies.main(common + ["--variant", "fast", "--fast-features", "packing,lean_experts,lora_bf16"])
+    lean = trace_ops.main(common + ["--variant", "fast", "--fast-features", "packing,lean_experts,lora_bf16"])
     assert not any("peft/tuners/tuners_utils.py" in r["where"] for r in lean["top"])
+
+
+def test_trace_ops_all_ops_ranks_lines_and_sums_them_by_file():
+    """Every op mode: matmuls are there (forward and backward), ranked by bytes on a CPU, and the per-file
+    totals add up to the whole step."""
+    import trace_ops
+
+    out = trace_ops.main(["--arch", "tiny", "--tokens", "256", "--variant", "standard", "--top", "100000"])
+    ops = {(r["op"], r["phase"]) for r in out["top"]}
+    assert {("aten.mm", "forward"), ("aten.mm", "backward")} <= ops
+    sizes = [r["gib"] for r in out["top"]]
+    assert sizes == sorted(sizes, reverse=True) and out["unit"] == "GiB"
+    assert abs(sum(out["by_file"].values()) - out["total"]) < 1e-2
+    assert any(f.endswith("modeling_nemotron_h.py") for f in out["by_file"])

@@ -52,7 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     gradient_checkpointing: bool = True
     fast: bool = False                    # stage 5: padding-free packing + checkpointing policy (CUDA + Mamba kernels)
-    checkpointing: str = "all"            # fast path: block types that recompute ("all", "none", "mamba,moe", ...)
+    checkpointing: str = "all"            # fast path: blocks that recompute ("all", "none", "mamba,moe", "moe:2", ...)
     fast_features: str | None = None      # fast path pieces (None: helpers.fast.DEFAULT_FEATURES)
     seed: int = 42
     logging_steps: int = 10
