@@ -10,8 +10,8 @@
 
 Steps: prepare data -> score the base model -> train LoRA (resuming from the last
 checkpoint) -> score the adapter -> reload it onto a fresh base and score again ->
-merge it and check the logits agree. Every step is a `helpers` function that the
-notebooks call too.
+merge it and score that too, comparing each copy's answers with the trained adapter's. Every step
+is a `helpers` function that the notebooks call too.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--save-merged", action="store_true", help="also write the merged model (needs disk space)")
     p.add_argument("--like", metavar="RUN",
                    help="start from the config of an earlier run (its run folder or metrics.json, e.g. notebook 03's "
-                        "outputs/runs/nemotron-medmcqa-lora) and its prepared data, instead of --preset; with --fast "
-                        "the run is named <run>-fast, so notebook 04 can compare the two")
+                        "outputs/runs/nemotron-medmcqa-lora) and its prepared data, instead of --preset; the run is "
+                        "named <run>-fast with --fast (so notebook 04 can compare the two), else <run>-again")
     p.add_argument("--fast", action="store_true",
                    help="stage 5 fast path: pack each step's rows into one micro-batch without padding (needs a "
                         "CUDA GPU and the Mamba kernels; see helpers/fast.py and benchmarks/NOTES.md)")
@@ -115,10 +115,8 @@ def main(argv=None) -> dict | None:
     reloads, merges and writes the summary (the others return None once training is done)."""
     args = parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.fast and "packing" in fast.parse_features(cfg.fast_features) and (problem := fast.kernels_problem()):
-        raise SystemExit(problem)  # before loading anything (the real model is 59 GiB)
     if cfg.fast:
-        fast.prefer_expandable_segments()  # before CUDA starts: less fragmentation near the card's limit
+        fast.prepare_process(cfg.fast_features)  # refuse without the Mamba kernels; allocator settings
     distributed.init()  # several processes: join the group, claim GPU LOCAL_RANK (no-op for one process)
     main_process = distributed.is_main_process()
     if main_process:

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning speed of the real Nemotron-3-Nano architecture, random weights, one GPU.
+"""LoRA fine-tuning speed of the real Nemotron-3-Nano architecture, random weights, one GPU or several.
 
 Builds the model straight on the GPU in bf16 (seconds, no download), attaches LoRA exactly as
 notebook 03 does (or as Unsloth does), feeds it MedMCQA-shaped rows of random token ids, and
@@ -57,6 +57,7 @@ import torch  # noqa: E402  (torch may come before unsloth; transformers/trl/pef
 from helpers import data as hdata  # noqa: E402  (no transformers import at module level)
 from helpers import distributed as hdist  # noqa: E402
 from helpers import model as hmodel  # noqa: E402
+from helpers import plots as hplots  # noqa: E402
 from helpers import fast as hfast  # noqa: E402
 from helpers import training as htraining  # noqa: E402
 
@@ -145,7 +146,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Run the benchmark (or --plot / --table). Returns the list of records written (or the PNG path)."""
+    """Run the benchmark (or --plot / --table / --scaling). Returns the records written (or the PNG path)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.scaling:
@@ -216,7 +217,7 @@ def run_variants_in_subprocesses(argv, variants):
 
 
 def refuse_early(args, variant) -> None:
-    """Refusals that must happen before anything heavy is imported."""
+    """Refusals that must happen before a model is built (and, for the fast variant, the allocator setting)."""
     if variant == "unsloth":
         if args.arch == "real" and not args.model:
             raise SystemExit(
@@ -233,9 +234,8 @@ def refuse_early(args, variant) -> None:
     if variant == "fast" and not torch.cuda.is_available():
         raise SystemExit("--variant fast packs rows into one sequence, which only the fused Mamba kernels (CUDA) keep "
                          "apart; run it on a GPU with mamba_ssm and causal_conv1d installed.")
-    if variant == "fast" and "packing" in hfast.parse_features(args.fast_features) and (
-            problem := hfast.kernels_problem()):  # before building the model, as train.py --fast does
-        raise SystemExit(problem)
+    if variant == "fast":  # as train.py --fast does; expandable segments recorded under distributed.environment
+        hfast.prepare_process(args.fast_features)
     if args.arch != "tiny" and not args.model and not torch.cuda.is_available():
         raise SystemExit(f"--arch {args.arch} needs a CUDA GPU (its float32 weights would not fit in CPU memory); "
                          "use --arch tiny on CPU.")
@@ -612,7 +612,7 @@ def load_variant_model(args, variant, tokenizer):
     return model, tokenizer, facts
 
 
-def _kernel_status() -> dict:
+def kernel_status() -> dict:
     status = hmodel.fast_kernels_status()
     return {k: status[k] for k in ("mamba_ssm", "causal_conv1d", "implementations", "fast_path")}
 
@@ -634,9 +634,9 @@ def trainable_summary(model) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _instance_forwards(model) -> list:
+def saved_forwards(model) -> list:
     """The instance-level `forward` / `_original_forward` of the model and its base model, to put back later."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = hfast.base_of(model)
     return [(obj, name, obj.__dict__.get(name, _MISSING)) for obj in {id(model): model, id(base): base}.values()
             for name in ("forward", "_original_forward")]
 
@@ -644,7 +644,7 @@ def _instance_forwards(model) -> list:
 _MISSING = object()
 
 
-def _restore_forwards(saved) -> None:
+def restore_forwards(saved) -> None:
     for obj, name, value in saved:
         if value is _MISSING:
             obj.__dict__.pop(name, None)
@@ -677,7 +677,7 @@ def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, arg
         fast_features=args.fast_features if stack == "fast" else None)
     result = {"tokens_per_step_target": budget, "rows_per_step": rows_per_step, "steps": steps, "warmup": warmup,
               "processes": processes}
-    saved_attrs = _instance_forwards(model)  # TRL (fused LM head) and accelerate (autocast) wrap `forward`
+    saved_attrs = saved_forwards(model)  # TRL (fused LM head) and accelerate (autocast) wrap `forward`
     trainer = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -734,7 +734,7 @@ def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, arg
     if hdist.launched():  # memory is per GPU: every process's figures (tokens/s above already count all of them)
         result["per_process"] = hdist.gather_object({"rank": hdist.rank(), **memory.figures()})
     # Leave the model as we found it: forward wrappers off, no grads; the trainer (optimizer states) freed.
-    _restore_forwards(saved_attrs)
+    restore_forwards(saved_attrs)
     if trainer is not None:
         with contextlib.suppress(Exception):
             trainer.accelerator.free_memory()
@@ -833,8 +833,6 @@ def distributed_facts() -> dict:
 
 def run_variant(args, variant: str, argv) -> dict:
     refuse_early(args, variant)
-    if variant == "fast":
-        hfast.prefer_expandable_segments()  # before CUDA starts (recorded under distributed.environment)
     started = time.perf_counter()
     kernel_choice = choose_mamba_kernels(variant)
     if variant == "unsloth":
@@ -847,7 +845,7 @@ def run_variant(args, variant: str, argv) -> dict:
     device = hdist.device()
     gpu = gpu_info()
     tokenizer = bench_tokenizer(args.model)
-    kernels_static = _kernel_status()  # read the import-time binding before MambaPathCounter wraps the ops
+    kernels_static = kernel_status()  # read the import-time binding before MambaPathCounter wraps the ops
     lm_head_path = lm_head_loss_path()
     if cuda and variant == "standard" and not kernels_static["fast_path"]:
         raise SystemExit(
@@ -1112,9 +1110,7 @@ def scaling_table(records) -> str:
 
 def plot_scaling(records, out_path) -> Path:
     """Bars of tokens/s by process count (hatched: linear scaling from one process), speed-up on each bar."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # helpers.plots chose a headless backend where there is no display
 
     rows = [row for row in scaling_rows(records) if row["budget"].get("status") == "ok"]
     if not rows:
@@ -1141,22 +1137,13 @@ def plot_scaling(records, out_path) -> Path:
 
 
 def _save_figure(fig, out_path) -> Path:
-    """Write a matplotlib figure as PNG (creating its folder) and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    """Write a matplotlib figure as PNG at `out_path` (creating its folder) and close it."""
+    return hplots.save_figure(fig, Path(out_path).stem, Path(out_path).parent)
 
 
 def plot_records(records, out_path) -> Path:
     """Bars of steady tokens/s per variant and tokens/step, one panel per (arch, GPU); peak memory on each bar."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # helpers.plots chose a headless backend where there is no display
 
     if not records:
         raise SystemExit("No benchmark records to plot.")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
+import bench  # noqa: E402  (bench imports this module only inside a function)
 from helpers import fast, training  # noqa: E402
 from helpers import model as hmodel  # noqa: E402
 
@@ -46,29 +47,39 @@ def randomize_lora_b(model, seed: int = 0, std: float = 0.02) -> None:
                 p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.device, p.dtype))
 
 
-def loss_and_grads(trainer, model, batch, num_items_in_batch=None, zero: bool = True,
-                   autocast: bool = True) -> tuple[float, dict]:
-    """Loss from the trainer's own compute_loss on `batch`, and every LoRA gradient (float32 copies).
+def lora_snapshot(model) -> dict:
+    """A copy of every LoRA tensor, for `load_lora` to put back."""
+    return {n: p.detach().clone() for n, p in lora_parameters(model).items()}
 
-    `zero=False` adds to the gradients already there (with `num_items_in_batch` = the tokens of all rows,
-    row-by-row passes then sum to the gradient of the whole batch).
-    """
+
+def load_lora(model, snapshot: dict) -> None:
+    with torch.no_grad():
+        for n, p in lora_parameters(model).items():
+            p.copy_(snapshot[n])
+
+
+def lora_grads(model) -> dict:
+    """Every LoRA gradient, as float32 copies (None where a tensor got none)."""
+    return {n: (p.grad.detach().float().clone() if p.grad is not None else None)
+            for n, p in lora_parameters(model).items()}
+
+
+def backward(trainer, model, batch, num_items_in_batch=None, autocast: bool = True) -> float:
+    """The trainer's own compute_loss on `batch`, under the autocast the Trainer trains in (accelerate's: bf16 on a
+    GPU, none on a CPU in float32; `autocast=False`: none), then backward. Adds to the gradients already there."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     model.train()
-    if zero:
-        model.zero_grad(set_to_none=True)
-    with trainer_autocast(trainer) if autocast else torch.autocast(device.type, enabled=False):
+    with trainer.accelerator.autocast() if autocast else torch.autocast(device.type, enabled=False):
         loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
     loss.backward()
-    grads = {n: (p.grad.detach().float().clone() if p.grad is not None else None)
-             for n, p in lora_parameters(model).items()}
-    return loss.item(), grads
+    return loss.item()
 
 
-def trainer_autocast(trainer):
-    """The autocast the Trainer runs its forward pass in (accelerate's: bf16 on a GPU; none on a CPU in float32)."""
-    return trainer.accelerator.autocast()
+def loss_and_grads(trainer, model, batch, autocast: bool = True) -> tuple[float, dict]:
+    """Loss from the trainer's own compute_loss on `batch`, and every LoRA gradient (float32 copies)."""
+    model.zero_grad(set_to_none=True)
+    return backward(trainer, model, batch, autocast=autocast), lora_grads(model)
 
 
 def row_by_row_grads(trainer, model, examples) -> dict:
@@ -79,9 +90,9 @@ def row_by_row_grads(trainer, model, examples) -> dict:
     """
     total = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples)
     model.zero_grad(set_to_none=True)
-    grads = {}
-    for ex in examples:
-        _, grads = loss_and_grads(trainer, model, trainer.data_collator([ex]), num_items_in_batch=total, zero=False)
+    for ex in examples:  # with num_items_in_batch = the tokens of all rows, the row gradients sum to the batch's
+        backward(trainer, model, trainer.data_collator([ex]), num_items_in_batch=total)
+    grads = lora_grads(model)
     model.zero_grad(set_to_none=True)
     return grads
 
@@ -145,27 +156,32 @@ def tokenized_examples(trainer, n: int) -> list[dict]:
     return [{"input_ids": r["input_ids"], "labels": r.get("labels", r["input_ids"])} for r in rows]
 
 
+@contextlib.contextmanager
+def scratch_trainer(model, tokenizer, dataset, cfg):
+    """A trainer for `model` that leaves nothing behind: afterwards the fast-path pieces it switched on are off,
+    and the `forward` wrappers that TRL (fused LM head) and accelerate (autocast) put on the model are gone."""
+    saved = bench.saved_forwards(model)
+    trainer = training.make_trainer(model, tokenizer, dataset, cfg, save_strategy="no", report_to=[],
+                                    disable_tqdm=True)
+    try:
+        yield trainer
+    finally:
+        if trainer.restore_model_features:
+            trainer.restore_model_features()
+        bench.restore_forwards(saved)
+
+
 def training_curves(model, tokenizer, dataset, cfg, steps: int) -> dict:
     """Train `steps` steps on the standard path, reset LoRA, train the same steps fast; losses per step."""
-    from bench import _instance_forwards, _restore_forwards
-
-    snapshot = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    start = lora_snapshot(model)
     curves = {}
     for name, is_fast in (("standard", False), ("fast", True)):
-        with torch.no_grad():
-            for n, p in lora_parameters(model).items():
-                p.copy_(snapshot[n])
-        saved = _instance_forwards(model)
+        load_lora(model, start)
         run = cfg.replace(run_name=f"check-{name}", fast=is_fast, max_steps=steps, logging_steps=1,
                           gradient_accumulation_steps=1)
-        trainer = training.make_trainer(model, tokenizer, dataset, run, save_strategy="no", report_to=[],
-                                        disable_tqdm=True)  # fast=True switches the model-level pieces on
-        trainer.train()
-        if trainer.restore_model_features:  # ... and this switches them off again
-            trainer.restore_model_features()
-        curves[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        _restore_forwards(saved)
-        del trainer
+        with scratch_trainer(model, tokenizer, dataset, run) as trainer:  # fast=True: the pieces on, then off
+            trainer.train()
+            curves[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     diffs = [abs(a - b) / max(abs(b), 1e-9) for a, b in zip(curves["fast"], curves["standard"])]
     return {**curves, "max_rel_diff": max(diffs), "steps": steps}
 
@@ -175,9 +191,8 @@ def float32_reference(model, tokenizer, dataset, cfg, examples, seed: int) -> tu
     are measured against. Converts the model to float32 for good (call it last)."""
     model.float()
     randomize_lora_b(model, seed)
-    trainer = training.make_trainer(model, tokenizer, dataset, cfg.replace(fast=False), save_strategy="no",
-                                    report_to=[], disable_tqdm=True)
-    return loss_and_grads(trainer, model, trainer.data_collator(examples), autocast=False)
+    with scratch_trainer(model, tokenizer, dataset, cfg.replace(fast=False)) as trainer:
+        return loss_and_grads(trainer, model, trainer.data_collator(examples), autocast=False)
 
 
 def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: int = 0,
@@ -188,37 +203,28 @@ def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: i
     standard path's (one piece at a time, to see which one moves the numbers). `float32`: finally, compare
     both paths with the standard path's float32 gradients (the model stays in float32 afterwards).
     """
-    from bench import _instance_forwards, _restore_forwards
-
     pad_id = hmodel.pad_id(tokenizer)
-    saved = _instance_forwards(model)
-    trainer = training.make_trainer(model, tokenizer, dataset, cfg.replace(fast=False), save_strategy="no",
-                                    report_to=[], disable_tqdm=True)
-    examples = tokenized_examples(trainer, rows)
-    snapshot = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
-    randomize_lora_b(model, seed)
-    std_loss, std_grads = loss_and_grads(trainer, model, trainer.data_collator(examples))
-    row_grads = row_by_row_grads(trainer, model, examples)  # the noise floor: same rows, other shapes
-    with fast_model(model, cfg):
-        fast_loss, fast_grads = loss_and_grads(trainer, model, fast.PackedCollator(pad_id)(examples))
-        rows_check = per_row_losses(model, examples, pad_id)
-    by_features = []
-    for features in compare_features or []:
-        with fast_model(model, cfg.replace(fast_features=features)):
-            loss, grads = loss_and_grads(trainer, model, fast.PackedCollator(pad_id)(examples))
-        by_features.append({"features": features, "loss_abs_diff": abs(std_loss - loss),
-                            "grads": compare_grads(grads, std_grads)})
-    with torch.no_grad():  # back to the LoRA init (B = 0) for the training runs
-        for n, p in lora_parameters(model).items():
-            p.copy_(snapshot[n])
-    _restore_forwards(saved)
-    del trainer
+    start = lora_snapshot(model)  # the LoRA init (B = 0), for the training runs
+    with scratch_trainer(model, tokenizer, dataset, cfg.replace(fast=False)) as trainer:
+        examples = tokenized_examples(trainer, rows)
+        packed = fast.PackedCollator(pad_id)(examples)
+        randomize_lora_b(model, seed)
+        std_loss, std_grads = loss_and_grads(trainer, model, trainer.data_collator(examples))
+        row_grads = row_by_row_grads(trainer, model, examples)  # the noise floor: same rows, other shapes
+        with fast_model(model, cfg):
+            fast_loss, fast_grads = loss_and_grads(trainer, model, packed)
+            rows_check = per_row_losses(model, examples, pad_id)
+        by_features = []
+        for features in compare_features or []:
+            with fast_model(model, cfg.replace(fast_features=features)):
+                loss, grads = loss_and_grads(trainer, model, packed)
+            by_features.append({"features": features, "loss_abs_diff": abs(std_loss - loss),
+                                "grads": compare_grads(grads, std_grads)})
+    load_lora(model, start)
     curves = training_curves(model, tokenizer, dataset, cfg, steps)
     reference = {}
     if float32:
-        with torch.no_grad():
-            for n, p in lora_parameters(model).items():
-                p.copy_(snapshot[n])
+        load_lora(model, start)
         ref_loss, ref_grads = float32_reference(model, tokenizer, dataset, cfg, examples, seed)
         reference = {"loss": ref_loss, "standard_bf16": compare_grads(std_grads, ref_grads),
                      "fast_bf16": compare_grads(fast_grads, ref_grads)}
@@ -234,9 +240,7 @@ def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: i
 
 
 def main(argv=None) -> dict:
-    import bench
     from datasets import Dataset
-
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="slice8", choices=["slice8", "real"])
@@ -264,13 +268,14 @@ def main(argv=None) -> dict:
                                learning_rate=2e-4, warmup_ratio=0.0, seed=args.seed, fast_features=args.fast_features)
     record = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "arch": args.arch,
               "gpu": torch.cuda.get_device_name(), "versions": training.library_versions(),
-              "routed_experts": args.routed_experts, "kernels": bench._kernel_status(),
+              "routed_experts": args.routed_experts, "kernels": bench.kernel_status(),
               **check(model, tokenizer, dataset, cfg, rows=args.rows, steps=args.steps, seed=args.seed,
                       compare_features=args.compare_features, float32=args.float32_reference)}
     out = Path(args.out) / f"fast_check_{args.arch}{'_experts' if args.routed_experts else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=str))
-    summary = {k: record[k] for k in ("loss",)} | {
+    summary = {
+        "loss": record["loss"],
         "per_row_max_diff": record["per_row"]["max_abs_diff_packed"],
         "per_row_max_diff_without_seq_idx": record["per_row"]["max_abs_diff_packed_without_seq_idx"],
         "grads": {k: v for k, v in record["grads"].items() if k != "without_grad"} | {

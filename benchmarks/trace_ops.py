@@ -7,8 +7,10 @@ The profiler says *that* `copy_` takes 15% of the fast path's GPU time and `mul`
 not *why*. This script runs one step the way the Trainer does (the trainer's own collator and loss, bf16
 autocast, the same checkpointing) under a `TorchDispatchMode` that sees every aten op, forward and backward.
 Each op on a tensor of at least --min-elements elements is charged to the innermost line of transformers,
-PEFT, TRL, mamba_ssm or helpers that asked for it; ops of the backward pass are charged to the forward line
-that created them (autograd's anomaly mode keeps that line). Lines are ranked by GPU time (CUDA events around
+PEFT, TRL, mamba_ssm, causal_conv1d, accelerate or helpers that asked for it; ops of the backward pass are
+charged to the forward line that created them (autograd's anomaly mode keeps that line), and Python run inside
+backward (checkpointing's recomputation, a custom autograd function's backward) is labelled `recompute`. Lines are
+ranked by GPU time (CUDA events around
 each op; on a CPU by bytes moved, read + write). `--ops copies` keeps only dtype conversions and copies.
 Triton kernels that mamba_ssm launches itself are not aten ops: their time is not in the table.
 """
@@ -129,7 +131,8 @@ class OpTracer(TorchDispatchMode):
 
     def gpu_ms(self) -> collections.Counter:
         """GPU milliseconds per key (empty without CUDA)."""
-        torch.cuda.synchronize() if self.timed else None
+        if self.timed:
+            torch.cuda.synchronize()
         ms = collections.Counter()
         for key, start, end in self.events:
             ms[key] += start.elapsed_time(end)
@@ -164,13 +167,13 @@ def one_step(peft_model, tokenizer, rows: dict, cfg, tracer: OpTracer, warmup: b
     return loss.item()
 
 
-def report(tracer: OpTracer, top: int) -> list[dict]:
-    """The lines that cost the most GPU time (on a CPU: move the most bytes), largest first."""
+def report(tracer: OpTracer) -> list[dict]:
+    """Every (op, dtypes, phase, line), the most GPU time (on a CPU: the most bytes moved) first."""
     ms = tracer.gpu_ms()
     rows = [{"op": op, "dtypes": dtypes, "phase": phase, "where": where, "calls": tracer.calls[key],
              "gib": round(tracer.bytes[key] / 2**30, 4), "ms": round(ms[key], 3) if ms else None}
             for key in tracer.calls for op, dtypes, phase, where in [key]]
-    return sorted(rows, key=lambda r: -(r["ms"] or 0) if ms else -r["gib"])[:top]
+    return sorted(rows, key=lambda r: -(r["ms"] or 0) if ms else -r["gib"])
 
 
 def by_file(rows: list[dict]) -> dict:
@@ -211,7 +214,7 @@ def main(argv=None) -> dict:
         print("CPU: the Mamba layers run the PyTorch reference, which mixes packed rows; harmless for counting copies.")
     tracer = OpTracer(args.min_elements, copies_only=args.ops == "copies")
     loss = one_step(peft_model, tokenizer, rows, cfg, tracer, warmup=torch.cuda.is_available())
-    everything = report(tracer, len(tracer.calls))
+    everything = report(tracer)
     lines, timed = everything[:args.top], tracer.timed
     unit = "ms" if timed else "GiB"
     total = sum(r["ms"] if timed else r["gib"] for r in everything)

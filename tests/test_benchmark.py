@@ -1,6 +1,5 @@
 """benchmarks/bench.py on CPU: the tiny architecture end to end, the record, the table and chart, refusals."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,19 +8,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    # One intra-op thread: the tiny model's ops are microseconds long, and on a busy 2-core CI machine
-    # spinning OpenMP threads made each step ~80x slower (4 s instead of 0.05 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield module
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

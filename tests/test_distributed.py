@@ -193,7 +193,7 @@ def test_two_processes_train_in_step_and_resume(repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_under_two_processes(repo, tmp_path):
+def test_benchmark_under_two_processes(repo, tmp_path, bench):
     """bench.py under accelerate launch: one record, tokens/s of both processes, memory per process; --scaling."""
     out = tmp_path / "results"
     common = ["--arch", "tiny", "--steps", "2", "--warmup", "1", "--tokens-per-step", "256", "--out", out]
@@ -210,16 +210,7 @@ def test_benchmark_under_two_processes(repo, tmp_path):
     # rows_per_step rows per process and step: the tokens of a step are those of both processes
     assert budget["tokens_per_step_mean"] > 1.5 * budget["rows_per_step"] * record["data"]["mean_tokens"]
 
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench", repo / "benchmarks" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_benchmark.py: one thread on a busy 2-core machine
-    try:
-        bench.main([*map(str, common)])  # the one-process baseline, in this process
-    finally:
-        torch.set_num_threads(threads)
+    bench.main([*map(str, common)])  # the one-process baseline, in this process (conftest's one-thread bench)
     table = bench.scaling_table(bench.load_records(out))
     assert "| standard | tiny | 256 | 1 | single |" in table and "| standard | tiny | 256 | 2 | ddp |" in table
     assert "1.00x | 100% |" in table
@@ -278,7 +269,7 @@ FSDP_CHILD = textwrap.dedent("""
     with open({out!r} + f"/fsdp-rank{{distributed.rank()}}.json", "w") as f:
         json.dump(report, f)
     distributed.wait_for_everyone()
-    torch.distributed.destroy_process_group()  # gloo's threads may otherwise abort the exit
+    distributed.finish()  # leave the process group: gloo's threads may otherwise abort the exit
 """)
 
 

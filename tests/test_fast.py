@@ -180,20 +180,11 @@ def test_lean_experts_match_transformers_experts_with_routed_expert_lora(tiny_di
     llm = tiny_model(tiny_dir, "E")
     peft_model, _ = model.add_lora(llm, model.lora_config(routed_experts=True))
     check_fast.randomize_lora_b(peft_model)
-    moe = peft_model.get_base_model().model.layers[0].mixer
     x = torch.randn(37, llm.config.hidden_size)
-
-    def run():
-        peft_model.zero_grad(set_to_none=True)
-        out = moe(x)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None}
-        return out.detach(), grads
-
-    reference, ref_grads = run()
-    previous = fast.use_lean_experts(peft_model)
+    reference, _, ref_grads = _moe_run(peft_model, x)
+    previous = fast.use_experts(peft_model)
     assert previous != "lean_grouped_mm"
-    lean, lean_grads = run()
+    lean, _, lean_grads = _moe_run(peft_model, x)
     assert torch.allclose(lean, reference, atol=1e-5, rtol=1e-4)
     assert ref_grads.keys() == lean_grads.keys() and any(".experts." in n for n in ref_grads)
     for name in ref_grads:
@@ -212,7 +203,7 @@ def _moe_run(peft_model, x):
 
 
 @pytest.mark.parametrize("routed_experts", [False, True])
-def test_compact_experts_match_lean_experts_and_fall_back_for_routed_lora(tiny_dir, routed_experts):
+def test_compact_experts_match_lean_experts_and_fall_back_for_routed_lora(tiny_dir, routed_experts, monkeypatch):
     """The written-out backward gives the same output and gradients as autograd through the lean experts: the
     input's gradient (through the experts and through the routing weights) and every LoRA gradient. With LoRA
     on the routed experts (weights that train) the lean experts run instead."""
@@ -220,16 +211,13 @@ def test_compact_experts_match_lean_experts_and_fall_back_for_routed_lora(tiny_d
     peft_model, _ = model.add_lora(llm, model.lora_config(routed_experts=routed_experts))
     check_fast.randomize_lora_b(peft_model)
     x = torch.randn(37, llm.config.hidden_size)
-    fast.use_lean_experts(peft_model)
+    fast.use_experts(peft_model)
     lean, lean_x_grad, lean_grads = _moe_run(peft_model, x)
     calls = []
     original = fast.CompactExperts.apply
-    fast.CompactExperts.apply = lambda *a: calls.append(1) or original(*a)
-    try:
-        assert fast.use_lean_experts(peft_model, "compact_grouped_mm") == "lean_grouped_mm"
-        compact, compact_x_grad, compact_grads = _moe_run(peft_model, x)
-    finally:
-        fast.CompactExperts.apply = original
+    monkeypatch.setattr(fast.CompactExperts, "apply", lambda *a: calls.append(1) or original(*a))
+    assert fast.use_experts(peft_model, "compact_grouped_mm") == "lean_grouped_mm"
+    compact, compact_x_grad, compact_grads = _moe_run(peft_model, x)
     assert bool(calls) is not routed_experts
     assert torch.allclose(compact, lean, atol=1e-5, rtol=1e-4)
     assert torch.allclose(compact_x_grad, lean_x_grad, atol=1e-5, rtol=1e-4)
@@ -456,7 +444,6 @@ def test_fast_like_reruns_an_earlier_run_with_its_config(tmp_path):
     assert cfg.run_name == "nb03-fast" and cfg.fast
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (32, 1)
     assert (cfg.learning_rate, cfg.max_steps, cfg.routed_experts, cfg.data_dir) == (1e-4, 25, True, str(tmp_path / "d"))
-
 
 
 def test_trace_ops_charges_each_copy_to_its_line_and_sees_lora_bf16_remove_one(tmp_path):

@@ -21,7 +21,8 @@ import torch
 
 # How long a process waits at a barrier or collective before giving up. The main process may prepare the
 # data (first run: download and tokenize MedMCQA) or score the base model while the others wait; the same
-# 30 minutes as transformers' default `ddp_timeout`.
+# 30 minutes as transformers' default `ddp_timeout`, which no longer applies: `init()` opens the process group
+# before the Trainer would, so this is the one setting that counts.
 TIMEOUT = timedelta(minutes=30)
 
 

@@ -52,31 +52,35 @@ FEATURES = {
     "fused_slot_sum": "compact experts gather and add up each token's k rows in one torch.compile kernel "
                       "(needs compact_experts)",
 }
-DEFAULT_FEATURES = ("packing,lean_experts,round_lengths,fused_norms,varlen_attention,lora_bf16,bf16_relu2,"
-                    "compact_experts,lora_addmm,fused_expert_act,fused_slot_sum")
-GPU_ONLY = ("fused_norms", "fused_expert_act", "fused_slot_sum")  # left out of the default on a CPU
-NEEDS_COMPACT = ("fused_expert_act", "fused_slot_sum")  # steps inside CompactExperts
+DEFAULT_FEATURES = ",".join(FEATURES)  # all of them (on a CPU less GPU_ONLY)
+GPU_ONLY = ("fused_norms", "fused_expert_act", "fused_slot_sum")
+REQUIRES = {  # piece -> (the piece it needs, why)
+    "varlen_attention": ("packing", "finds the rows of a packed batch from its position_ids"),
+    "fused_expert_act": ("compact_experts", "fuses a step of compact_experts"),
+    "fused_slot_sum": ("compact_experts", "fuses a step of compact_experts"),
+}
 ROUND_TO = 256
 
 
 def parse_features(features: str | None) -> set[str]:
-    """The fast-path pieces named in `features` (None: all of them, less fused_norms without a GPU)."""
+    """The fast-path pieces named in `features` (None: all of them, less GPU_ONLY without a GPU)."""
     if features is None:
-        features = ",".join(f for f in DEFAULT_FEATURES.split(",") if torch.cuda.is_available() or f not in GPU_ONLY)
+        return {f for f in FEATURES if torch.cuda.is_available() or f not in GPU_ONLY}
     chosen = {f.strip() for f in features.split(",") if f.strip()}
     unknown = chosen - set(FEATURES)
     if unknown:
         raise ValueError(f"Unknown fast-path feature(s) {sorted(unknown)}; choose from {sorted(FEATURES)}.")
-    if "varlen_attention" in chosen and "packing" not in chosen:
-        raise ValueError("varlen_attention finds the rows of a packed batch from its position_ids: add 'packing' to "
-                         "fast_features, or drop 'varlen_attention'.")
-    for name in NEEDS_COMPACT:
-        if name in chosen and "compact_experts" not in chosen:
-            raise ValueError(f"{name} fuses a step of compact_experts: add 'compact_experts' to fast_features, "
-                             f"or drop '{name}'.")
+    for name, (needed, why) in REQUIRES.items():
+        if name in chosen and needed not in chosen:
+            raise ValueError(f"{name} {why}: add '{needed}' to fast_features, or drop '{name}'.")
     return chosen
 
 POLICY_BLOCKS = ("mamba", "moe", "attention")  # the block names a checkpointing policy uses
+
+
+def base_of(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def seq_idx_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -183,7 +187,7 @@ def set_checkpointing(model, policy: str) -> dict:
     """
     chosen = parse_policy(policy)
     counts: dict[str, int] = {}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     for block in base.model.layers:
         kind = _block_kind(block.block_type)
         limit = chosen.get(kind)
@@ -225,24 +229,39 @@ def prefer_expandable_segments() -> bool:
     return not torch.cuda.is_initialized() and "expandable_segments:True" in os.environ["PYTORCH_CUDA_ALLOC_CONF"]
 
 
+def prepare_process(features: str | None) -> None:
+    """What the fast path does first, before any model is loaded (train.py --fast, the benchmark's fast variant):
+    stop where packing could not keep rows apart (SystemExit naming the fix; the real model is 59 GiB to load
+    for nothing), then ask for expandable allocator segments while CUDA has not started."""
+    if "packing" in parse_features(features) and (problem := kernels_problem()):
+        raise SystemExit(problem)
+    prefer_expandable_segments()
+
+
 def fold_accumulation(cfg):
     """The same effective batch as one micro-batch: per-device rows x accumulation, accumulation 1."""
     return cfg.replace(per_device_train_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
                        gradient_accumulation_steps=1)
 
 
-def _expert_offsets(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """End row of each expert's group in the sorted (token, slot) pairs, as grouped_mm wants it (int32)."""
-    ids = expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int()
-    counts = torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
-    return torch.cumsum(counts, dim=0, dtype=torch.int32)
+def _route(top_k_index: torch.Tensor, num_experts: int):
+    """Sort the (token, slot) pairs by expert, as grouped GEMMs want them.
+
+    Returns `order` (sorted row -> its flat (token, slot) position), `token_of` (sorted row -> its token),
+    `slot_rows` (tokens x k: where each (token, slot) went) and `offsets` (end row of each expert's group, int32).
+    """
+    num_tokens, k = top_k_index.shape
+    expert_ids, order = torch.sort(top_k_index.reshape(-1))
+    slot_rows = torch.empty_like(order)
+    slot_rows[order] = torch.arange(order.numel(), device=order.device)
+    ids = expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int()  # histc: no ints on CPU
+    offsets = torch.cumsum(torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1), dim=0, dtype=torch.int32)
+    return order, order // k, slot_rows.view(num_tokens, k), offsets
 
 
-def _sum_slots(y: torch.Tensor, order: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
-    """Rows in expert order -> back to (token, slot) order -> each token's k rows added up, in y's dtype
-    (autocast would sum in float32 and leave the residual stream in float32 from there on)."""
-    with torch.autocast(y.device.type, enabled=False):
-        return torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, k, -1).sum(dim=1)
+def _add_up_slots(rows: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum of rows[slot_rows[t, j]] over the k slots j (each token's expert rows, added up)."""
+    return rows[slot_rows].sum(dim=1)
 
 
 def lean_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -252,35 +271,31 @@ def lean_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     times and combine each token's k expert outputs in float32 (tokens x k x hidden, three times the
     bytes of the bf16 outputs). With every expert on one GPU there are no sentinels. The routing
     weight multiplies the down projection's input (1,856 wide) instead of its output (2,688 wide);
-    the projection is linear, so the result is the same, and the k outputs of a token just add up.
+    the projection is linear, so the result is the same, and the k outputs of a token just add up
+    (with autocast off: autocast would sum in float32 and leave the residual stream in float32).
     """
     from transformers.integrations.moe import _grouped_linear
 
-    num_tokens, k = top_k_index.shape
-    expert_ids, order = torch.sort(top_k_index.reshape(-1))        # group the (token, slot) pairs by expert
-    offsets = _expert_offsets(expert_ids, self.num_experts)
-    x = hidden_states[order // k]
-    h = self.act_fn(_grouped_linear(x, self.up_proj, offsets, is_transposed=self.is_transposed))
+    order, token_of, slot_rows, offsets = _route(top_k_index, self.num_experts)
+    h = self.act_fn(_grouped_linear(hidden_states[token_of], self.up_proj, offsets, is_transposed=self.is_transposed))
     h = h * top_k_weights.reshape(-1)[order].to(h.dtype).unsqueeze(-1)  # routing weight, before down_proj
     y = _grouped_linear(h, self.down_proj, offsets, is_transposed=self.is_transposed)
-    return _sum_slots(y, order, num_tokens, k)
-
-
-def _add_up_slots(rows: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum of rows[slot_rows[t, j]] over the k slots j (each token's expert rows, added up)."""
-    return rows[slot_rows].sum(dim=1)
+    with torch.autocast(y.device.type, enabled=False):
+        return _add_up_slots(y, slot_rows)
 
 
 def _relu2_weighted(h, w):
     """a = relu(h)² * w, the experts' activation times the routing weight (h: rows x 1,856, w: rows x 1)."""
-    return torch.relu(h).square() * w
+    return torch.relu(h).square_().mul_(w)  # one new tensor, then in place
 
 
 def _relu2_weighted_backward(grad_a, h, w):
     """(d loss / d h, d loss / d w) of `_relu2_weighted`: grad_a * 2 relu(h) w, and the row sums of
     grad_a * relu(h)²."""
-    grad_ar = grad_a * torch.relu(h)
-    return grad_ar * (2 * w), (grad_ar * torch.relu(h)).sum(-1)
+    r = torch.relu(h)
+    grad_ar = grad_a * r
+    grad_w = (grad_ar * r).sum(-1)
+    return grad_ar.mul_(2 * w), grad_w
 
 
 _COMPILED: dict = {}
@@ -301,30 +316,22 @@ class CompactExperts(torch.autograd.Function):
     and each token adds up its k rows of y. Autograd would keep x (gathered), h, relu(h), relu(h)² and a,
     and under autocast compute the square in float32; this keeps only h (tokens x k x 1,856, bf16) and
     recomputes relu(h) in backward, which is cheap. That is what lets the MoE blocks skip recomputation
-    (`checkpointing='moe:N'`). Each token's k rows are gathered and added in one kernel. The expert weights
-    must be frozen: with routed-expert LoRA `compact_experts_forward` uses `lean_experts_forward` instead.
+    (`checkpointing='moe:N'`). `fused` names the steps that run as torch.compile kernels: "act" (the
+    activation, forward and backward) and "sum" (adding up each token's k rows). The expert weights must be
+    frozen: with routed-expert LoRA `compact_experts_forward` uses `lean_experts_forward` instead.
     """
 
     @staticmethod
     def forward(ctx, hidden, weights, top_k_index, up, down, transposed: bool, fused: frozenset = frozenset()):
         from transformers.integrations.moe import _grouped_linear
 
-        num_tokens, k = top_k_index.shape
+        activation = compiled(_relu2_weighted) if "act" in fused else _relu2_weighted
+        add_up = compiled(_add_up_slots) if "sum" in fused else _add_up_slots
         with torch.autocast(hidden.device.type, enabled=False):    # every op in the weights' dtype
-            expert_ids, order = torch.sort(top_k_index.reshape(-1))
-            offsets = _expert_offsets(expert_ids, up.shape[0])
-            token_of = order // k                                   # sorted row -> its token
-            slot_rows = torch.empty_like(order)                     # (token, slot) -> its sorted row
-            slot_rows[order] = torch.arange(order.numel(), device=order.device)
-            slot_rows = slot_rows.view(num_tokens, k)
+            order, token_of, slot_rows, offsets = _route(top_k_index, up.shape[0])
             h = _grouped_linear(hidden.to(up.dtype)[token_of], up, offsets, is_transposed=transposed)
             w = weights.reshape(-1)[order].to(up.dtype).unsqueeze(-1)
-            if "act" in fused:
-                a = compiled(_relu2_weighted)(h, w)
-            else:
-                a = torch.relu(h).square_().mul_(w)                 # one new tensor, then in place
-            add_up = compiled(_add_up_slots) if "sum" in fused else _add_up_slots
-            out = add_up(_grouped_linear(a, down, offsets, is_transposed=transposed), slot_rows)
+            out = add_up(_grouped_linear(activation(h, w), down, offsets, is_transposed=transposed), slot_rows)
         ctx.save_for_backward(h, w, token_of, slot_rows, offsets, up, down)
         ctx.transposed, ctx.dtypes, ctx.fused = transposed, (hidden.dtype, weights.dtype), fused
         return out
@@ -335,17 +342,11 @@ class CompactExperts(torch.autograd.Function):
 
         h, w, token_of, slot_rows, offsets, up, down = ctx.saved_tensors
         flip = not ctx.transposed                                   # backward multiplies by the transposes
+        activation_backward = compiled(_relu2_weighted_backward) if "act" in ctx.fused else _relu2_weighted_backward
+        add_up = compiled(_add_up_slots) if "sum" in ctx.fused else _add_up_slots
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_y = grad_out.to(h.dtype)[token_of]                 # every slot gets its token's gradient
-            grad_a = _grouped_linear(grad_y, down, offsets, is_transposed=flip)
-            if "act" in ctx.fused:
-                grad_h, grad_w = compiled(_relu2_weighted_backward)(grad_a, h, w)
-            else:
-                r = torch.relu(h)
-                grad_ar = grad_a * r
-                grad_w = (grad_ar * r).sum(-1)                      # d loss / d weight = sum(grad_a * relu(h)²)
-                grad_h = grad_ar.mul_(2 * w)                        # d a / d h = 2 relu(h) weight
-            add_up = compiled(_add_up_slots) if "sum" in ctx.fused else _add_up_slots
+            grad_h, grad_w = activation_backward(_grouped_linear(grad_y, down, offsets, is_transposed=flip), h, w)
             grad_hidden = add_up(_grouped_linear(grad_h, up, offsets, is_transposed=flip), slot_rows)
             grad_weights = grad_w[slot_rows]                        # back to (token, slot) order
         return grad_hidden.to(ctx.dtypes[0]), grad_weights.to(ctx.dtypes[1]), None, None, None, None, None
@@ -367,13 +368,13 @@ def compact_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 _EXPERTS = {"lean_grouped_mm": lean_experts_forward, "compact_grouped_mm": compact_experts_forward}
 
 
-def use_lean_experts(model, name: str = "lean_grouped_mm") -> str:
-    """Switch the model's routed experts to `lean_experts_forward` (or another of `_EXPERTS`); returns the
-    previous implementation."""
+def use_experts(model, name: str = "lean_grouped_mm") -> str:
+    """Switch the model's routed experts to one of `_EXPERTS` (lean or compact); returns the previous
+    implementation."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     ALL_EXPERTS_FUNCTIONS.register(name, _EXPERTS[name])
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     previous = base.config._experts_implementation
     base.config._experts_implementation = name
     return previous
@@ -423,8 +424,8 @@ def _fused_rms_norm(norm, hidden_states):
     return rms_norm_fn(hidden_states, norm.weight, None, eps=norm.variance_epsilon)
 
 
-def use_fused_norms(model) -> int:
-    """Run every NemotronHRMSNorm through mamba_ssm's fused RMSNorm; returns how many were switched.
+def use_fused_norms(model) -> list:
+    """Run every NemotronHRMSNorm through mamba_ssm's fused RMSNorm; returns the norms switched.
 
     transformers' version launches ~6 elementwise kernels with float32 copies of the activations,
     forward and backward, for each of the 53 norms. Needs CUDA and mamba_ssm (the Mamba kernels' package).
@@ -442,11 +443,9 @@ def use_fused_norms(model) -> int:
     if device.type != "cuda":
         raise RuntimeError(f"fused_norms runs Triton kernels, which need a CUDA GPU (model on {device.type}); drop "
                            "it from fast_features on this machine.")
-    switched = 0
-    for module in model.modules():
-        if isinstance(module, NemotronHRMSNorm):
-            module.forward = functools.partial(_fused_rms_norm, module)
-            switched += 1
+    switched = [module for module in model.modules() if isinstance(module, NemotronHRMSNorm)]
+    for module in switched:
+        module.forward = functools.partial(_fused_rms_norm, module)
     return switched
 
 
@@ -520,7 +519,7 @@ def use_varlen_attention(model) -> str:
 
     AttentionInterface.register("packed_varlen", varlen_attention_forward)
     AttentionMaskInterface.register("packed_varlen", _varlen_mask)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     previous = base.config._attn_implementation
     base.set_attn_implementation("packed_varlen")
     return previous
@@ -533,8 +532,8 @@ def _cast_unless_autocast(original, x, dtype):
     return original(x, dtype)
 
 
-def use_lora_bf16(model) -> int:
-    """LoRA layers keep their bf16 input under autocast; returns how many layers were switched.
+def use_lora_bf16(model) -> list:
+    """LoRA layers keep their bf16 input under autocast; returns the layers switched.
 
     PEFT keeps LoRA weights in float32 and copies every LoRA layer's input to float32 first; under the
     Trainer's bf16 autocast the matmul then copies it back to bf16. The result is bit for bit the same
@@ -543,12 +542,11 @@ def use_lora_bf16(model) -> int:
     """
     import functools
 
-    switched = 0
-    for module in model.modules():
-        if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype"):
-            original = type(module)._cast_input_dtype.__get__(module)  # PEFT's method, bound to this layer
-            module._cast_input_dtype = functools.partial(_cast_unless_autocast, original)
-            switched += 1
+    switched = [module for module in model.modules() if hasattr(module, "lora_A")
+                and hasattr(module, "_cast_input_dtype")]
+    for module in switched:
+        original = type(module)._cast_input_dtype.__get__(module)  # PEFT's method, bound to this layer
+        module._cast_input_dtype = functools.partial(_cast_unless_autocast, original)
     return switched
 
 
@@ -596,40 +594,36 @@ def use_model_features(model, features: set[str]):
 
     (packing and round_lengths live in the collator, not in the model.)
     """
-    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHRMSNorm
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     config = base.config
     previous = {"experts": config._experts_implementation, "attention": config._attn_implementation}
+    patched = []  # (module, instance attribute set here): each shadows its class's attribute until popped
     if "compact_experts" in features:
-        use_lean_experts(model, "compact_grouped_mm")
+        use_experts(model, "compact_grouped_mm")
         fused = frozenset(step for step, name in (("act", "fused_expert_act"), ("sum", "fused_slot_sum"))
                           if name in features)
         for module in model.modules():
             if hasattr(module, "up_proj") and hasattr(module, "num_experts"):  # the routed experts
                 module._fast_fused = fused
+                patched.append((module, "_fast_fused"))
     elif "lean_experts" in features:
-        use_lean_experts(model)
+        use_experts(model)
     swapped = use_bf16_relu2(model) if "bf16_relu2" in features else []
     if "fused_norms" in features:
-        use_fused_norms(model)
+        patched += [(module, "forward") for module in use_fused_norms(model)]
     if "varlen_attention" in features:
         use_varlen_attention(model)
     if "lora_bf16" in features:
-        use_lora_bf16(model)
-    addmm_layers = {id(layer) for layer in use_lora_addmm(model)} if "lora_addmm" in features else set()
+        patched += [(module, "_cast_input_dtype") for module in use_lora_bf16(model)]
+    if "lora_addmm" in features:
+        patched += [(module, "forward") for module in use_lora_addmm(model)]
 
     def restore():
         config._experts_implementation = previous["experts"]
-        for module in model.modules():
-            vars(module).pop("_fast_fused", None)
         for module, act_fn in swapped:
             module.act_fn = act_fn
         if config._attn_implementation != previous["attention"]:
             base.set_attn_implementation(previous["attention"])
-        for module in model.modules():
-            for name in ("forward", "_cast_input_dtype"):  # instance attributes set above shadow the class's
-                if name in vars(module) and (name != "forward" or isinstance(module, NemotronHRMSNorm)
-                                             or id(module) in addmm_layers):
-                    delattr(module, name)
+        for module, name in patched:
+            vars(module).pop(name, None)
     return restore

@@ -393,7 +393,8 @@ def default_device_map():
 def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=None, attn_implementation=None):
     """Load a NemotronH model and its tokenizer with transformers' built-in code (no remote code).
 
-    Defaults: bfloat16 on the current GPU, float32 on CPU. Returns (model, tokenizer).
+    Defaults: bfloat16 on this process's GPU (`cuda:LOCAL_RANK` under accelerate launch; on the CPU under FSDP,
+    which shards it later), float32 on CPU. Returns (model, tokenizer).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -408,7 +409,7 @@ def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=
     on_gpu = torch.cuda.is_available()
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     if device_map is None and on_gpu:
-        device_map = default_device_map()  # all on this process's GPU: fail loudly, never offload
+        device_map = default_device_map()  # this process's GPU (FSDP: the CPU); never "auto" offloading
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         model_id, config=config, revision=revision, dtype=dtype, device_map=device_map,

@@ -21,7 +21,7 @@ from .data import LETTERS  # noqa: E402
 FIGURES_DIR = Path(__file__).resolve().parents[2] / "outputs" / "figures"
 
 
-def _finish(fig, name: str, out_dir: str | Path | None = None) -> Path:
+def save_figure(fig, name: str, out_dir: str | Path | None = None) -> Path:
     """Save `fig` as `<out_dir>/<name>.png`, show it inline, close it and return the path."""
     out = Path(out_dir or FIGURES_DIR)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ def plot_subjects(rows, name="subjects", out_dir=None, top=25) -> Path:
     ax.barh([c[0] for c in counts][::-1], [c[1] for c in counts][::-1], color="#4C72B0")
     ax.set_xlabel("questions")
     ax.set_title("Questions per subject")
-    return _finish(fig, name, out_dir)
+    return save_figure(fig, name, out_dir)
 
 
 def plot_answers_and_explanations(splits: dict, name="answers_explanations", out_dir=None) -> Path:
@@ -63,7 +63,7 @@ def plot_answers_and_explanations(splits: dict, name="answers_explanations", out
     ax2.set_title("Rows with an explanation")
     for x, v in enumerate(with_exp):
         ax2.text(x, v + 0.02, f"{v:.0%}", ha="center")
-    return _finish(fig, name, out_dir)
+    return save_figure(fig, name, out_dir)
 
 
 def plot_token_lengths(lengths: list[int], max_length: int | None = None, name="token_lengths",
@@ -78,7 +78,7 @@ def plot_token_lengths(lengths: list[int], max_length: int | None = None, name="
     ax.set_xlabel("tokens (prompt + completion)")
     ax.set_ylabel("rows")
     ax.set_title("Formatted example length")
-    return _finish(fig, name, out_dir)
+    return save_figure(fig, name, out_dir)
 
 
 def plot_truncation(lengths: list[int], max_lengths=(128, 256, 384, 512, 768, 1024, 2048),
@@ -92,7 +92,7 @@ def plot_truncation(lengths: list[int], max_lengths=(128, 256, 384, 512, 768, 10
     ax.set_ylabel("rows truncated")
     ax.set_xlabel("max_length (tokens)")
     ax.set_title("How much would each max_length cut?")
-    return _finish(fig, name, out_dir)
+    return save_figure(fig, name, out_dir)
 
 
 def plot_loss_curves(curves: dict, name="loss", out_dir=None, title="Training loss") -> Path:
@@ -104,7 +104,7 @@ def plot_loss_curves(curves: dict, name="loss", out_dir=None, title="Training lo
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
-    return _finish(fig, name, out_dir)
+    return save_figure(fig, name, out_dir)
 
 
 def plot_accuracy(results: dict, name="accuracy", out_dir=None, chance=0.25) -> Path:
@@ -122,7 +122,7 @@ def plot_accuracy(results: dict, name="accuracy", out_dir=None, chance=0.25) -> 
     ax.set_ylabel("accuracy")
     ax.set_title(f"MedMCQA validation accuracy (n={results[labels[0]]['n']})")
     ax.legend()
-    return _finish(fig, name, out_dir)
+    return save_figure(fig, name, out_dir)
 
 
 def _label(record: dict) -> str:
@@ -161,4 +161,4 @@ def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, 
     unsloth = next((r["versions"].get("unsloth") for r in records if r["stack"] == "unsloth"), None)
     fig.suptitle(f"{' vs '.join(_label(r) for r in records)} - torch {v['torch']}, transformers "
                  f"{v['transformers']}, trl {v['trl']}, peft {v['peft']}, unsloth {unsloth} {note}", fontsize=9)
-    return _finish(fig, name, out_dir)
+    return save_figure(fig, name, out_dir)

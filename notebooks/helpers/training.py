@@ -279,7 +279,7 @@ def make_trainer(model, tokenizer, train_dataset, cfg: TrainConfig, callbacks=()
         if "packing" in features:
             fast.require_packing_support(model, allow_state_leak=cfg.extra.get("allow_state_leak", False))
             collator = fast.PackedCollator(pad_id(tokenizer), fast.ROUND_TO if "round_lengths" in features else None)
-        # lean experts, fused norms, varlen attention, bf16 LoRA inputs; `train` switches them back afterwards
+        # the model-level pieces (experts, norms, attention, LoRA); `train` switches them back afterwards
         restore_model = fast.use_model_features(model, features)
         callbacks.append(fast.CheckpointPolicy(cfg.checkpointing))
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **sft_overrides), train_dataset=train_dataset,

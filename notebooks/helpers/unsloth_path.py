@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Run records measured on a real GPU (standard, unsloth, fast) (same format as outputs/runs/<run>/metrics.json),
+# Run records measured on a real GPU (standard, unsloth, fast; the format of outputs/runs/<run>/metrics.json),
 # used where no GPU is available (CI): see benchmarks/README.md for how they were made.
 REFERENCE_RUNS = REPO_ROOT / "benchmarks" / "results" / "runs"
 
@@ -91,6 +91,19 @@ def fairness_table(baseline: dict, *others: dict) -> str:
         same = all(v == values[0] for v in values)
         lines.append(f"{name:<20}" + "".join(f"{str(v):>22}" for v in values) + f"  {'yes' if same else 'NO'}")
     return "\n".join(lines)
+
+
+def print_speedups(baseline: dict, others: list[dict]) -> None:
+    """Each stack's speed against the baseline's, after two warm-up steps (as plots.plot_stack_comparison draws
+    it) and after one (the run records' own steady figure), and every stack's first, compiling step."""
+    from .training import tokens_per_second_after
+
+    records = [baseline, *others]
+    print("first step (compile/warm-up):", ", ".join(f"{r['stack']} {r['first_step_seconds']} s" for r in records))
+    base, base_steady = tokens_per_second_after(baseline, skip=2), baseline["steady_tokens_per_second"]
+    for other in others:
+        print(f"{other['stack']} vs {baseline['stack']}: {tokens_per_second_after(other, skip=2) / base:.2f}x "
+              f"after two warm-up steps ({other['steady_tokens_per_second'] / base_steady:.2f}x after one)")
 
 
 def reference_records(folder: str | Path = REFERENCE_RUNS) -> tuple[dict, dict, dict | None]:
