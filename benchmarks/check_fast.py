@@ -68,7 +68,7 @@ def backward(trainer, model, batch, num_items_in_batch=None, autocast: bool = Tr
     """The trainer's own compute_loss on `batch`, under the autocast the Trainer trains in (accelerate's: bf16 on a
     GPU, none on a CPU in float32; `autocast=False`: none), then backward. Adds to the gradients already there."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = fast.batch_to(batch, device)
     model.train()
     with trainer.accelerator.autocast() if autocast else torch.autocast(device.type, enabled=False):
         loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
@@ -105,7 +105,7 @@ def per_row_losses(model, examples, pad_id: int) -> dict:
     """Each row's loss alone, inside the packed row, and inside the packed row without seq_idx."""
     device = next(model.parameters()).device
     model.train()
-    packed = {k: v.to(device) for k, v in fast.PackedCollator(pad_id)(examples).items()}
+    packed = fast.batch_to(fast.PackedCollator(pad_id)(examples), device)
     out = {"alone": [], "packed": [], "packed_without_seq_idx": []}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for ex in examples:

@@ -154,7 +154,7 @@ def one_step(peft_model, tokenizer, rows: dict, cfg, tracer: OpTracer, warmup: b
             fast.set_checkpointing(peft_model, cfg.checkpointing)
     device = next(peft_model.parameters()).device
     examples = [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]
-    batch = {k: v.to(device) for k, v in trainer.data_collator(examples).items()}
+    batch = fast.batch_to(trainer.data_collator(examples), device)
     peft_model.train()
     if warmup:
         with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -62,6 +62,7 @@ def test_packed_collator_concatenates_rows_without_padding():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["seq_idx"].tolist() == [[0, 0, 0, 1, 1]]
     assert "attention_mask" not in batch  # a mask of ones would hide the row boundaries from attention
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5] and batch["max_length_q"] == 3  # read on the CPU
 
 
 def test_packed_and_padded_batches_give_the_same_loss_rows_and_lora_gradients(tiny_dir, sample, tmp_path):
@@ -145,6 +146,31 @@ def test_checkpointing_policy_is_applied_when_training_starts(tiny_dir, sample, 
     layers = peft_model.get_base_model().model.layers
     on = [fast._block_kind(layer.block_type) for layer in layers if layer.gradient_checkpointing]
     assert {kind: on.count(kind) for kind in ("attention", "moe")} == expected
+
+
+def test_gc_freeze_hides_the_objects_of_before_training_from_the_collector_while_it_trains(tiny_dir, sample,
+                                                                                              tmp_path):
+    import gc
+
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(gc.get_freeze_count())
+
+    tok, train = sample
+    peft_model, _ = model.add_lora(tiny_model(tiny_dir, "*E*E"), model.lora_config())
+    frozen = training.make_trainer(peft_model, tok, train, cfg_for(tmp_path / "a", fast=True, max_steps=1),
+                                   callbacks=[Spy()], save_strategy="no", report_to=[])
+    frozen.train()
+    assert seen and seen[0] > 10_000  # the model, its modules and everything imported were frozen
+    assert gc.get_freeze_count() == 0  # and handed back afterwards
+    plain = training.make_trainer(peft_model, tok, train, cfg_for(tmp_path / "b", fast=True, max_steps=1,
+                                                                  fast_features="packing"),
+                                  save_strategy="no", report_to=[])
+    assert not any(type(cb).__name__ == "_FrozenGC" for cb in plain.callback_handler.callbacks)
 
 
 @pytest.mark.parametrize("policy", ["mamba,experts", "moe:x"])
@@ -376,7 +402,12 @@ def test_varlen_attention_keeps_packed_rows_apart_and_leaves_padded_batches_to_s
         position_ids = torch.cat([torch.arange(len(r)) for r in rows])[None]
         packed = llm(input_ids=packed_ids, position_ids=position_ids).logits[0]
         varlen_padded = llm(input_ids=padded, attention_mask=mask).logits
+        # PackedCollator's batch carries the bounds, read on the CPU: no row_bounds (and no GPU wait) at all
+        batch = fast.PackedCollator(0)([{"input_ids": r.tolist(), "labels": r.tolist()} for r in rows])
+        monkeypatch.setattr(fast, "row_bounds", lambda position_ids: pytest.fail("bounds found again"))
+        from_collator = llm(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
     assert calls and calls[0] == [0, 5, 14, 17]  # the row path ran, with the rows' bounds
+    assert calls[-1] == [0, 5, 14, 17] and torch.equal(from_collator, packed)
     assert torch.allclose(packed, torch.cat(alone), atol=1e-5)
     assert torch.equal(varlen_padded, sdpa_padded)
 
@@ -476,3 +507,70 @@ def test_trace_ops_all_ops_ranks_lines_and_sums_them_by_file():
     assert sizes == sorted(sizes, reverse=True) and out["unit"] == "GiB"
     assert abs(sum(out["by_file"].values()) - out["total"]) < 1e-2
     assert any(f.endswith("modeling_nemotron_h.py") for f in out["by_file"])
+
+
+def _fake_fused_kernel(calls):
+    """Stands in for mamba_ssm's fused Mamba kernel: a pre-projection step, then the projection if given."""
+    def kernel(zxbcdt, outproj_weight=None, outproj_bias=None, return_final_states=False):
+        calls.append(outproj_weight)
+        out = zxbcdt * 3.0  # saves nothing for backward, so any saved activation below is the projection's
+        return out if outproj_weight is None else torch.nn.functional.linear(out, outproj_weight, outproj_bias)
+    return kernel
+
+
+def test_frozen_out_proj_projects_after_the_kernel_with_the_same_result_and_no_saved_activation():
+    calls = []
+    kernel = _fake_fused_kernel(calls)
+    z = torch.randn(16, 8, requires_grad=True)
+    weight, bias = torch.randn(5, 8), torch.randn(5)
+    expected = kernel(z, outproj_weight=weight, outproj_bias=bias)
+    expected_grad, = torch.autograd.grad(expected.square().sum(), z)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = fast.project_after_kernel(kernel, z, outproj_weight=weight, outproj_bias=bias)
+    grad, = torch.autograd.grad(out.square().sum(), z)
+    assert calls[-1] is None  # the kernel ran without the projection
+    assert torch.equal(out, expected) and torch.equal(grad, expected_grad)
+    assert z.shape not in saved  # a frozen weight: F.linear keeps no copy of its input
+
+    trainable = weight.clone().requires_grad_(True)
+    fast.project_after_kernel(kernel, z, outproj_weight=trainable, outproj_bias=bias)
+    assert calls[-1] is trainable  # a projection that trains stays inside the kernel
+    fast.project_after_kernel(kernel, z, outproj_weight=weight, return_final_states=True)
+    assert calls[-1] is weight
+    assert fast.project_after_kernel(lambda *a, **k: None, z, outproj_weight=weight) is None  # transformers' stub
+
+
+def test_frozen_out_proj_reaches_nemotron_h_mamba_layers_and_is_put_back(tiny_dir, monkeypatch):
+    """The mixer hands its out_proj to the fused kernel by keyword; with the piece on, the kernel gets none."""
+    from transformers.models.nemotron_h import modeling_nemotron_h
+
+    calls = []
+    def stub(*args, outproj_weight=None, **kwargs):  # returns None like transformers' stub: the torch path runs
+        calls.append(outproj_weight)
+    monkeypatch.setattr(modeling_nemotron_h, "mamba2_split_conv1d_scan_combined", stub)
+    llm = tiny_model(tiny_dir, "M")
+    for p in llm.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, llm.config.vocab_size, (1, 12))
+    llm.train()
+    before = llm(input_ids=ids, use_cache=False).logits
+    assert calls and calls[-1] is llm.model.layers[0].mixer.out_proj.weight
+    restore = fast.use_model_features(llm, {"frozen_out_proj"})
+    after = llm(input_ids=ids, use_cache=False).logits
+    assert calls[-1] is None and torch.equal(before, after)
+    restore()
+    assert modeling_nemotron_h.mamba2_split_conv1d_scan_combined is stub
+
+
+def test_kernel_status_reads_through_the_frozen_out_proj_wrapper():
+    from transformers.models.nemotron_h import modeling_nemotron_h
+
+    before = model.fast_kernels_status()["implementations"]
+    kernel = fast.use_frozen_out_proj()
+    try:
+        assert modeling_nemotron_h.mamba2_split_conv1d_scan_combined is not kernel
+        assert model.fast_kernels_status()["implementations"] == before
+    finally:
+        modeling_nemotron_h.mamba2_split_conv1d_scan_combined = kernel

@@ -7,6 +7,7 @@ transformers and peft are imported inside the functions, never at the top, so th
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import json
@@ -182,6 +183,8 @@ def _bound_implementation(function) -> str:
     `use_kernel_func_from_hub_with_fallback` tries to import mamba_ssm / causal_conv1d ONCE, when
     modeling_nemotron_h is imported, and keeps the result in the wrapper's closure: read it back.
     """
+    if isinstance(function, functools.partial) and function.args:  # helpers.fast.project_after_kernel(kernel, ...)
+        function = function.args[0]
     try:
         implementation = inspect.getclosurevars(function).nonlocals.get("implementation")
     except TypeError:  # not a plain function any more (patched, or a hub kernel)

@@ -282,6 +282,8 @@ def make_trainer(model, tokenizer, train_dataset, cfg: TrainConfig, callbacks=()
         # the model-level pieces (experts, norms, attention, LoRA); `train` switches them back afterwards
         restore_model = fast.use_model_features(model, features)
         callbacks.append(fast.CheckpointPolicy(cfg.checkpointing))
+        if "gc_freeze" in features:
+            callbacks.append(fast.FrozenGC())
     trainer = SFTTrainer(model=model, args=sft_config(cfg, **sft_overrides), train_dataset=train_dataset,
                          processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
     trainer.step_timer = timer
