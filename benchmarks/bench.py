@@ -26,7 +26,8 @@ Variants (each runs in its own Python process; several --variant values run one 
                       (FastLanguageModel.from_pretrained + get_peft_model), same SFTConfig
   fast                the standard model and LoRA with TrainConfig(fast=True): padding-free packing with Mamba
                       seq_idx (helpers/fast.py), one micro-batch per step, and --checkpointing POLICY
-                      (which block types recompute activations: all, none, or e.g. mamba,moe)
+                      (which block types recompute activations: all, none, or e.g. mamba,moe; moe:N: only the first N
+                      MoE blocks)
 """
 
 from __future__ import annotations
@@ -124,10 +125,11 @@ def parse_args(argv=None):
                    help="also write DIR/<standard|unsloth>.json in helpers.training's run-record format (the last "
                         "budget that fitted), e.g. benchmarks/results/runs for notebook 04's offline comparison")
     p.add_argument("--checkpointing", default="all",
-                   help="fast variant: block types that recompute activations (all, none, or e.g. mamba,moe)")
+                   help="fast variant: block types that recompute activations (all, none, or e.g. mamba,moe; "
+                        "moe:N: only the first N MoE blocks)")
     p.add_argument("--fast-features", default=None,
                    help="fast variant: comma list of helpers.fast.FEATURES to use "
-                        "(default: helpers.fast.DEFAULT_FEATURES); "
+                        "(default: all of helpers.fast.FEATURES); "
                         "the ablation drops or adds one at a time")
     p.add_argument("--profile", action="store_true",
                    help="profile 2 steps after warm-up of each budget with torch.profiler; the top CUDA kernels go "
@@ -377,8 +379,8 @@ def random_model_for_this_process(config, seed: int):
 
 
 def build_random_model(config, seed: int, dtype=None):
-    """NemotronHForCausalLM with seeded random weights, built directly on the GPU in bf16 (CPU: float32 unless
-    `dtype` says otherwise).
+    """NemotronHForCausalLM with seeded random weights, built directly on the device: `dtype` if given, else bf16
+    on a GPU and float32 on a CPU.
 
     Same config + same seed -> the same weights in every process. The router's score-correction bias is kept
     in float32, as from_pretrained does (`_keep_in_fp32_modules_strict`).
@@ -733,7 +735,9 @@ def run_budget(model, tokenizer, dist, budget: int, steps: int, warmup: int, arg
         result.update(memory.figures())
     if hdist.launched():  # memory is per GPU: every process's figures (tokens/s above already count all of them)
         result["per_process"] = hdist.gather_object({"rank": hdist.rank(), **memory.figures()})
-    # Leave the model as we found it: forward wrappers off, no grads; the trainer (optimizer states) freed.
+    # Leave the model as we found it: fast-path pieces and forward wrappers off, no grads; the trainer freed.
+    if trainer is not None and trainer.restore_model_features:
+        trainer.restore_model_features()
     restore_forwards(saved_attrs)
     if trainer is not None:
         with contextlib.suppress(Exception):

@@ -8,7 +8,9 @@ one row, position_ids + Mamba seq_idx, helpers.fast.PackedCollator):
   * the loss through the trainer's own `compute_loss` (TRL's fused LM head on GPU),
   * every row's loss, alone vs inside the packed row (and packed WITHOUT seq_idx, to show the Mamba leak),
   * the gradient of every LoRA tensor (LoRA B is set to small random values first, so A gets a gradient too),
-  * a short training run through `make_trainer` + `trainer.train()`: loss at every step, both paths.
+  * a short training run through `make_trainer` + `trainer.train()`: loss at every step, both paths;
+  * with --compare-features, the loss and gradients of other fast_features sets on the same rows;
+  * with --float32-reference, both bf16 paths' gradients against the standard path's in float32.
 The same functions run in the CPU tests on a tiny attention + MoE model (no Mamba, so packing is exact there).
 """
 

@@ -191,7 +191,8 @@ def main(argv=None) -> dict:
     p.add_argument("--arch", default="real", choices=bench.ARCHS)
     p.add_argument("--variant", default="fast", choices=["standard", "fast"])
     p.add_argument("--tokens", type=int, default=8192, help="tokens in the step (rows = tokens / mean row length)")
-    p.add_argument("--checkpointing", default="all", help="fast variant: block types that recompute")
+    p.add_argument("--checkpointing", default="all",
+                   help="fast variant: block types that recompute (all, none, mamba,moe, moe:N, ...)")
     p.add_argument("--fast-features", default=None, help="fast variant: helpers.fast.FEATURES to use")
     p.add_argument("--ops", default="all", choices=["all", "copies"], help="every op, or copies and casts only")
     p.add_argument("--min-elements", type=int, default=4096, help="ignore ops on smaller tensors")

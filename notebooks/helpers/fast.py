@@ -33,7 +33,8 @@ tutorial's comparison stays honest. Each piece is measured, one at a time, in `b
 13. gc_freeze: Python's garbage collector leaves alone the objects that exist when training starts
    (`FrozenGC`), so its full collections stop walking ~600k long-lived objects in a CPU-bound loop.
 Plus, outside the features: the checkpointing policy (`TrainConfig.checkpointing`, applied by
-`CheckpointPolicy`) and `fold_accumulation` (one packed micro-batch per optimizer step).
+`CheckpointPolicy`), `fold_accumulation` (one packed micro-batch per optimizer step) and `prepare_process`
+(expandable allocator segments, asked for before CUDA starts).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 # The pieces of the fast path, by name (TrainConfig.fast_features; the benchmark's ablation drops one at a time).
 FEATURES = {
-    "packing": "padding-free rows with position_ids + Mamba seq_idx (PackedCollator)",
+    "packing": "padding-free rows with position_ids + Mamba seq_idx + attention row bounds (PackedCollator)",
     "lean_experts": "routed experts as two grouped GEMMs without expert-parallel masking or float32 copies",
     "round_lengths": "pad each packed micro-batch to a multiple of 256 tokens, so kernels see few distinct shapes",
     "fused_norms": "every RMSNorm as mamba_ssm's fused Triton kernel (one kernel forward, one backward; GPU only)",
@@ -59,7 +60,6 @@ FEATURES = {
                        "the projection's unused weight gradient",
     "gc_freeze": "Python's garbage collector skips the objects that exist when training starts (gc.freeze)",
 }
-DEFAULT_FEATURES = ",".join(FEATURES)  # all of them (on a CPU less GPU_ONLY)
 GPU_ONLY = ("fused_norms", "fused_expert_act", "fused_slot_sum")
 REQUIRES = {  # piece -> (the piece it needs, why)
     "varlen_attention": ("packing", "finds the rows of a packed batch from its position_ids"),

@@ -51,9 +51,9 @@ class TrainConfig:
     max_steps: int = -1                   # > 0 overrides num_train_epochs
     weight_decay: float = 0.0
     gradient_checkpointing: bool = True
-    fast: bool = False                    # stage 5: padding-free packing + checkpointing policy (CUDA + Mamba kernels)
+    fast: bool = False                    # stage 5: the fast path, helpers/fast.py (CUDA + Mamba kernels)
     checkpointing: str = "all"            # fast path: blocks that recompute ("all", "none", "mamba,moe", "moe:2", ...)
-    fast_features: str | None = None      # fast path pieces (None: helpers.fast.DEFAULT_FEATURES)
+    fast_features: str | None = None      # fast path pieces (None: all FEATURES, less GPU_ONLY on CPU)
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 200
@@ -382,7 +382,8 @@ def tokens_per_second_after(record: dict, skip: int) -> float | None:
 
     Every new batch shape costs a one-off compilation (Triton autotuning, cuDNN plans): in a short run the
     second step can take longer than the next twenty. Comparing stacks after the same number of warm-up
-    steps shows what a long run would see; the record's own `steady_tokens_per_second` skips one step.
+    steps shows what a long run would see; the record's own `steady_tokens_per_second` skips its
+    `warmup_steps_excluded` (one, unless set).
     """
     steps = record.get("step_times", [])[skip:]
     seconds = sum(s["seconds"] for s in steps)
