@@ -1,177 +1,186 @@
 """Headless fine-tuning: notebooks 01-03 in one script, for long jobs.
 
-    uv run python train.py --preset smoke        # offline: tiny model + shipped sample, CPU, ~2 minutes
-    uv run python train.py --preset learn        # offline: the tiny model learns a synthetic task
-    uv run python train.py                       # the real model on full MedMCQA (one 80 GB GPU)
-    uv run python train.py --fast                # the same, packed without padding (stage 5 fast path)
-    uv run python train.py --set max_steps=500 learning_rate=1e-4
-    uv run python train.py --fast --like outputs/runs/nemotron-medmcqa-lora   # notebook 03's run, fast path
-    accelerate launch --config_file configs/ddp.yaml --num_processes 2 train.py   # 2 GPUs (configs/README.md)
+    python train.py --preset smoke     # first contact: the whole pipeline offline on a CPU (~25 s)
+    python train.py --help             # every flag, preset and setting (answers at once)
 
-Steps: prepare data -> score the base model -> train LoRA (resuming from the last
-checkpoint) -> score the adapter -> reload it onto a fresh base and score again ->
-merge it and score that too, comparing each copy's answers with the trained adapter's. Every step
-is a `helpers` function that the notebooks call too.
+Steps: prepare the data -> score the base model -> add LoRA (`LoraConfig`, `get_peft_model`) -> train with
+TRL (`SFTConfig`, `SFTTrainer`), resuming from the last checkpoint -> score the adapter -> reload it onto a
+fresh base and score again -> merge it and score that too. `lora_config` and `sft_config` below are notebook
+03's cells as functions (a test checks they build the same objects), so what a learner reads is what runs here.
+Around them, recipe/cli.py checks the command line before anything heavy is imported (a mistake is one line and
+exit code 2) and recipe/report.py prepares the data and prints the closing report (outputs/runs/<run>/summary.json).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "notebooks"))
+ROOT = Path(__file__).resolve().parent
+for _path in (ROOT, ROOT / "notebooks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from transformers import set_seed  # noqa: E402
-
-from helpers import data, distributed, evaluation, fast, model, training  # noqa: E402
-from helpers.notebook import resolve_path  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="full", choices=sorted(training.PRESETS))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override TrainConfig fields, e.g. --set max_steps=100 routed_experts=true")
-    p.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over")
-    p.add_argument("--skip-base-eval", action="store_true", help="do not score the model before training")
-    p.add_argument("--save-merged", action="store_true", help="also write the merged model (needs disk space)")
-    p.add_argument("--like", metavar="RUN",
-                   help="start from the config of an earlier run (its run folder or metrics.json, e.g. notebook 03's "
-                        "outputs/runs/nemotron-medmcqa-lora) and its prepared data, instead of --preset; the run is "
-                        "named <run>-fast with --fast (so notebook 04 can compare the two), else <run>-again")
-    p.add_argument("--fast", action="store_true",
-                   help="stage 5 fast path: pack each step's rows into one micro-batch without padding (needs a "
-                        "CUDA GPU and the Mamba kernels; see helpers/fast.py and benchmarks/NOTES.md)")
-    return p.parse_args(argv)
+from helpers.config import TrainConfig  # noqa: E402  (imports nothing heavy: --help answers at once)
 
 
-def config_from_args(args) -> training.TrainConfig:
-    """Preset + `--set key=value` overrides (values parsed as JSON when they can be: 1e-4, true, null)."""
-    changes = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            changes[key] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key] = value
-    if getattr(args, "like", None):
-        record = training.load_run_record(resolve_path(args.like))
-        suffix = "-fast" if getattr(args, "fast", False) else "-again"
-        cfg = training.config_of_run(record, **{"run_name": record["config"]["run_name"] + suffix, **changes})
-    else:
-        cfg = training.preset(args.preset, **changes)
-    if getattr(args, "fast", False):  # same rows per optimizer step, packed into one micro-batch
-        cfg = fast.fold_accumulation(cfg.replace(fast=True))
-    return cfg
+def lora_config(cfg: TrainConfig, precision: str = "bf16"):
+    """PEFT's LoraConfig, as notebook 03 builds it (`precision`: "bf16", or "nf4" for the 4-bit base)."""
+    from peft import LoraConfig
+
+    from helpers.model import LORA_TARGET_MODULES, ROUTED_EXPERT_PARAMETERS
+    from helpers.quant import LORA_TARGETS_4BIT
+
+    return LoraConfig(
+        r=cfg.lora_r,                                  # rank of each low-rank pair
+        lora_alpha=cfg.lora_alpha,                     # scale: the update is (alpha / r) * B @ A
+        lora_dropout=cfg.lora_dropout,
+        # attention q/k/v/o, Mamba in_proj, shared expert up/down (4-bit: the same layers as a pattern that skips the
+        # containers bitsandbytes puts around the NF4 experts)
+        target_modules=LORA_TARGET_MODULES if precision == "bf16" else LORA_TARGETS_4BIT,
+        target_parameters=ROUTED_EXPERT_PARAMETERS if cfg.routed_experts else None,  # the fused routed experts
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
-def prepare_data(cfg, tokenizer, reuse: bool = False):
-    """Stage 1 for this run: the formatted splits (synthetic data is written first when asked for).
+def sft_config(cfg: TrainConfig, **overrides):
+    """TRL's SFTConfig, as notebook 03 builds it; `overrides` adds what several processes need."""
+    import torch
+    from trl import SFTConfig
 
-    `reuse=True` (a run started --like an earlier one) loads the data that run trained on, as it is.
-    """
-    if reuse:
-        return data.load_formatted(cfg.data_dir)
-    source = cfg.data_source
-    if source == "synthetic":
-        source = data.write_synthetic_split_files(Path(cfg.output_root) / "synthetic-medmcqa", seed=cfg.seed)
-    return data.prepare_medmcqa(resolve_path(source), out_dir=cfg.data_dir, tokenizer=tokenizer,
-                                max_length=cfg.max_length, with_explanation=cfg.with_explanation, seed=cfg.seed)
-
-
-def preflight(cfg):
-    """Check the GPU, disk and kernels; under FSDP each GPU needs only its share of the weights."""
-    checks = model.preflight(cfg.model_id, shards=distributed.world_size() if distributed.fsdp_enabled() else 1)
-    if cfg.model_id != training.TINY_MODEL:
-        model.require(checks)
-
-
-def write_summary(cfg, record, manifest, **results) -> dict:
-    """The run's summary.json (printed too): where its record is, its data, speed, and `results`."""
-    summary = {"run": cfg.run_name, "record": str(cfg.run_dir / "metrics.json"), "data_rows": manifest["rows"],
-               **results, "tokens_per_second": record["steady_tokens_per_second"],
-               "wall_seconds": record["wall_seconds"], "processes": record["effective_batch"]["processes"]}
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("Summary:", json.dumps(summary, indent=1))
-    return summary
-
-
-def finish_sharded(cfg, record, manifest) -> dict:
-    """After FSDP training: the summary, without scores. No GPU holds the whole model, so scoring, reloading
-    and merging the saved adapter are left to a machine whose GPU does (notebook 03 from its scoring cells)."""
-    return write_summary(cfg, record, manifest, adapter=str(cfg.checkpoint_dir),
-                         evaluation="skipped under FSDP (the model is sharded over the GPUs): score the saved adapter "
-                                    "on a GPU that holds the whole model (model.load_adapter + evaluation.evaluate)")
+    args = dict(
+        output_dir=str(cfg.checkpoint_dir),            # checkpoints and the final adapter
+        run_name=cfg.run_name,
+        completion_only_loss=True,                     # loss on the answer + explanation, not the prompt
+        max_length=cfg.max_length,                     # longer rows are truncated (notebook 01 keeps the answer)
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,  # rows per step = batch x accumulation
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,       # cosine decay ...
+        warmup_steps=cfg.warmup_ratio,                 # ... after a short warm-up (a float < 1: share of all steps)
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,                       # > 0 overrides the epoch count
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch",
+        seed=cfg.seed,                                 # same seed: same data order and LoRA start
+        data_seed=cfg.seed,
+        bf16=torch.cuda.is_available(),                # bf16 on a GPU; float32 on a CPU (tiny model)
+        gradient_checkpointing=cfg.gradient_checkpointing,  # recompute activations in backward: less memory
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.save_steps,                     # a checkpoint every N steps ...
+        save_total_limit=cfg.save_total_limit,         # ... keeping the newest few
+        report_to=["tensorboard"],
+        include_num_input_tokens_seen="non_padding",   # count real tokens, not padding
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    return SFTConfig(**(args | overrides))
 
 
 def main(argv=None) -> dict | None:
-    """The whole pipeline. Under `accelerate launch` every process trains; only the main one evaluates,
-    reloads, merges and writes the summary (the others return None once training is done)."""
-    args = parse_args(argv)
-    cfg = config_from_args(args)
-    if cfg.fast:
-        fast.prepare_process(cfg.fast_features)  # refuse without the Mamba kernels; allocator settings
+    """The whole pipeline (see the module docstring). Under `accelerate launch` every process trains; only
+    the main one evaluates, reloads, merges and writes the summary (the others return None)."""
+    from recipe import cli
+
+    args, cfg = cli.parse(argv)  # validated before anything heavy is imported; mistakes exit with one line
+    cli.announce(args, cfg)      # a few lines of what will run
+    with cli.user_errors(debug=args.debug), cli.quiet_cpu_fallbacks():
+        return pipeline(args, cfg)
+
+
+def pipeline(args, cfg: TrainConfig) -> dict | None:
+    """main() after the command line is checked: `args` are its flags, `cfg` the run's settings."""
+    fast = None
+    if args.fast:  # the opt-in fast engine (fastpath/README.md): refuses early where it cannot run
+        import fastpath
+
+        fast = fastpath.Settings(args.fast_features, args.checkpointing or "all")  # checked at once
+        fastpath.check_versions(allow_other_versions=args.any_version)
+        fastpath.prepare_process(fast)
+        cfg = fastpath.fold_accumulation(cfg)
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from helpers import evaluation, model, quant, training
+    from recipe import distributed, report
+
     distributed.init()  # several processes: join the group, claim GPU LOCAL_RANK (no-op for one process)
     main_process = distributed.is_main_process()
-    if main_process:
-        print("Config:", json.dumps(dataclasses.asdict(cfg), indent=1))
-    with distributed.main_process_first():  # one process writes the shared files, the others then reuse them
+    with distributed.main_process_first():  # one process writes the shared files, the others reuse them
         if args.fresh and main_process:
-            shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
-        preflight(cfg)  # builds the offline tiny model the first time it is asked for
+            shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # train from step 0
+        model.require(model.preflight(cfg.model_id, shards=distributed.shards(), load_in_4bit=cfg.load_in_4bit))
         tokenizer = model.load_tokenizer(cfg.model_id, cfg.revision)
-        dataset, manifest = prepare_data(cfg, tokenizer, reuse=bool(args.like))
-    val = dataset["validation"]
-    evals = {}
+        dataset, manifest = report.prepare_data(cfg, tokenizer, reuse=bool(args.like))
+    val, evals, sharded = dataset["validation"], {}, distributed.fsdp_enabled()
 
-    base, tokenizer = model.load_model(cfg.model_id, revision=cfg.revision)
-    sharded = distributed.fsdp_enabled()  # FSDP: the weights sit on the CPU until the Trainer shards them
+    def score(llm, tokenizer, label):  # letter-score the validation split; outputs/eval/<run>-<label>.json
+        return evaluation.evaluate(llm, tokenizer, val, f"{cfg.run_name}-{label}", limit=cfg.eval_limit,
+                                   batch_size=cfg.eval_batch_size, out_dir=report.eval_dir(cfg))
+
+    precision, why = quant.choose_precision(cfg.load_in_4bit)
+    print(f"Precision: {precision} ({why})")
+    if fast and precision == "nf4":
+        raise fastpath.Refused("--fast needs the bf16 base (its expert pieces read bf16 weights), and this run "
+                               "would load 4-bit: train without --fast, or on a card with room for bf16")
+    load = quant.load_model_4bit if precision == "nf4" else model.load_model
+    base, tokenizer = load(cfg.model_id, revision=cfg.revision, device_map=distributed.device_map())
     if not args.skip_base_eval and not sharded and main_process:
-        evals["base"] = evaluation.evaluate(base, tokenizer, val, f"{cfg.run_name}-base",
-                                            limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
+        evals["base"] = score(base, tokenizer, "base")
     distributed.wait_for_everyone()  # the others wait while the main process scores the base model
+
     set_seed(cfg.seed)  # the LoRA A matrices start random: the same seed gives the same start
-    peft_model = model.add_lora(base, model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                        routed_experts=cfg.routed_experts))[0]
-    trainer = training.make_trainer(peft_model, tokenizer, training.training_split(dataset, cfg.train_limit), cfg)
-    record = training.train(trainer, cfg)
+    lora = lora_config(cfg, precision)
+    model.check_lora_targets(lora)  # refuses targets whose adapter would never run
+    if precision == "nf4":
+        quant.check_lora_config(lora)  # e.g. routed-expert LoRA: PEFT cannot reach NF4 experts
+    peft_model = get_peft_model(base, lora)
+    peft_model.print_trainable_parameters()
+    timer = training.StepTimer()
+    trainer = SFTTrainer(
+        model=peft_model, args=sft_config(cfg, **distributed.sft_overrides(cfg)),
+        train_dataset=training.training_rows(dataset, cfg.train_limit), processing_class=tokenizer,
+        data_collator=fastpath.collator(peft_model, tokenizer, fast) if fast else None,
+        callbacks=[timer])
+    resume = training.last_checkpoint(cfg)
+    if main_process:
+        training.print_plan(training.batch_plan(trainer), resume)
+    patches = fastpath.applied(trainer, fast) if fast else training.nothing_applied()
+    with patches as applied, training.cpu_loss_fallback():  # every patch is undone on any exit
+        trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(cfg.checkpoint_dir))  # the adapter + tokenizer (every process calls it; one writes)
+    record = training.run_record(trainer, cfg, timer, stack="fast" if fast else "standard", resumed_from=resume,
+                                 fast_pieces=applied, per_process=distributed.per_process_memory())
     distributed.finish()  # no collective work is left: the other processes may exit now
     if not main_process:
         return None
-    training.print_run_summary(record)
+    record_path = training.save_run_record(record, cfg.run_dir)
     if sharded:
-        return finish_sharded(cfg, record, manifest)
-    evals["adapter"] = evaluation.evaluate(peft_model, tokenizer, val, f"{cfg.run_name}-adapter",
-                                           limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
+        return report.finish(cfg, record_path, manifest, evals, sharded=True, record=record)
+    evals["adapter"] = score(peft_model, tokenizer, "adapter")
     del trainer, peft_model, base
     model.free_memory()
 
-    # The saved adapter, reloaded onto a fresh base, must give the same answers.
-    fresh, tokenizer = model.load_model(cfg.model_id, revision=cfg.revision)
+    # The saved adapter, reloaded onto a fresh base of the precision it trained in, must give the same answers ...
+    fresh, tokenizer = load(cfg.model_id, revision=cfg.revision)
     reloaded = model.load_adapter(fresh, cfg.checkpoint_dir)
-    evals["reloaded"] = evaluation.evaluate(reloaded, tokenizer, val, f"{cfg.run_name}-reloaded",
-                                            limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
-    agreement = {"reloaded": evaluation.compare_answers(evals["adapter"], evals["reloaded"])}
-    print("Reloaded adapter gives the same answers:", evaluation.describe_comparison(agreement["reloaded"]))
-
-    # Merging folds LoRA into the base weights: same model, no adapter overhead at inference.
-    merged = model.merge_adapter(reloaded)
-    evals["merged"] = evaluation.evaluate(merged, tokenizer, val, f"{cfg.run_name}-merged",
-                                          limit=cfg.eval_limit, batch_size=cfg.eval_batch_size)
-    agreement["merged"] = evaluation.compare_answers(evals["adapter"], evals["merged"])
-    print("Merged model gives the same answers:", evaluation.describe_comparison(agreement["merged"]))
+    evals["reloaded"] = score(reloaded, tokenizer, "reloaded")
+    # ... and so must the merged model (LoRA folded into the base weights: no adapter at inference). A 4-bit run
+    # merges into the bf16 weights, as QLoRA adapters are deployed: it differs by the 4-bit rounding of the base.
+    if precision == "nf4":
+        del reloaded, fresh
+        model.free_memory()
+        merged = quant.merge_into_bf16(cfg.model_id, cfg.checkpoint_dir, revision=cfg.revision)
+    else:
+        merged = model.merge_adapter(reloaded)
+    evals["merged"] = score(merged, tokenizer, "merged")
     if args.save_merged:
         model.save_merged(merged, tokenizer, Path(cfg.output_root) / "merged" / cfg.run_name)
-    return write_summary(cfg, record, manifest, reloaded_matches=agreement["reloaded"]["same"],
-                         merged_matches=agreement["merged"]["same"],
-                         agreement_with_the_trained_adapter=agreement,  # sizes of the score differences, flips
-                         **{f"{k}_accuracy": v["accuracy"] for k, v in evals.items()})
+    return report.finish(cfg, record_path, manifest, evals, record=record)
 
 
 if __name__ == "__main__":

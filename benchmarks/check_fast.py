@@ -1,17 +1,20 @@
 """Is the fast path the same training as the standard one? Loss, per-row loss, LoRA gradients, loss curve.
 
-    python benchmarks/check_fast.py --arch slice8 --out benchmarks/results     # GPU, real widths, random weights
-    python benchmarks/check_fast.py --arch real --out benchmarks/results       # GPU, all 52 layers
+    python benchmarks/check_fast.py --arch slice8 --out benchmarks/results/checks   # GPU, real widths, random weights
+    python benchmarks/check_fast.py --arch real --out benchmarks/results/checks     # GPU, all 52 layers
 
 On identical rows it compares the standard batch (padded, attention mask) with the fast batch (packed into
-one row, position_ids + Mamba seq_idx, helpers.fast.PackedCollator):
+one row, position_ids + Mamba seq_idx, fastpath.PackedCollator):
   * the loss through the trainer's own `compute_loss` (TRL's fused LM head on GPU),
   * every row's loss, alone vs inside the packed row (and packed WITHOUT seq_idx, to show the Mamba leak),
   * the gradient of every LoRA tensor (LoRA B is set to small random values first, so A gets a gradient too),
-  * a short training run through `make_trainer` + `trainer.train()`: loss at every step, both paths;
-  * with --compare-features, the loss and gradients of other fast_features sets on the same rows;
+  * a short training run through train.py's trainer + `trainer.train()`: loss at every step, both paths;
+  * with --compare-features, the loss and gradients of other feature sets on the same rows;
   * with --float32-reference, both bf16 paths' gradients against the standard path's in float32.
-The same functions run in the CPU tests on a tiny attention + MoE model (no Mamba, so packing is exact there).
+The trainer is the one train.py builds (`benchmarks.timing.sft_trainer`). The loss and gradient checks call the
+model directly with the fast path's model pieces on (`fastpath.model_pieces`); the training curve runs
+`trainer.train()` inside `fastpath.applied`, as train.py --fast does. A CPU test runs the same functions on a tiny
+attention + MoE model (no Mamba, so packing is exact there).
 """
 
 from __future__ import annotations
@@ -25,14 +28,20 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "notebooks"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import bench  # noqa: E402  (bench imports this module only inside a function)
-from helpers import fast, training  # noqa: E402
-from helpers import model as hmodel  # noqa: E402
+from benchmarks import models, timing, workload  # noqa: E402
+from benchmarks.workload import per_row_losses  # noqa: E402,F401  (the per-row check; tests call it from here)
+
+
+def settings_for(features: str | None = None, checkpointing: str = "all"):
+    """`fastpath.Settings` for a feature list (None: every piece this machine can run)."""
+    import fastpath
+
+    return fastpath.Settings(features, checkpointing)
 
 
 def lora_parameters(model) -> dict:
@@ -69,8 +78,10 @@ def lora_grads(model) -> dict:
 def backward(trainer, model, batch, num_items_in_batch=None, autocast: bool = True) -> float:
     """The trainer's own compute_loss on `batch`, under the autocast the Trainer trains in (accelerate's: bf16 on a
     GPU, none on a CPU in float32; `autocast=False`: none), then backward. Adds to the gradients already there."""
+    import fastpath
+
     device = next(model.parameters()).device
-    batch = fast.batch_to(batch, device)
+    batch = fastpath.batch_to(batch, device)
     model.train()
     with trainer.accelerator.autocast() if autocast else torch.autocast(device.type, enabled=False):
         loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
@@ -99,34 +110,6 @@ def row_by_row_grads(trainer, model, examples) -> dict:
     return grads
 
 
-def _row_loss(logits, labels) -> float:
-    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100).item()
-
-
-def per_row_losses(model, examples, pad_id: int) -> dict:
-    """Each row's loss alone, inside the packed row, and inside the packed row without seq_idx."""
-    device = next(model.parameters()).device
-    model.train()
-    packed = fast.batch_to(fast.PackedCollator(pad_id)(examples), device)
-    out = {"alone": [], "packed": [], "packed_without_seq_idx": []}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for ex in examples:
-            ids = torch.tensor([ex["input_ids"]], device=device)
-            out["alone"].append(_row_loss(model(input_ids=ids, use_cache=False).logits[0],
-                                          torch.tensor(ex["labels"], device=device)))
-        for key, extra in (("packed", {"seq_idx": packed["seq_idx"]}), ("packed_without_seq_idx", {})):
-            logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
-                           **extra).logits[0]
-            start = 0
-            for ex in examples:
-                n = len(ex["input_ids"])
-                out[key].append(_row_loss(logits[start:start + n], torch.tensor(ex["labels"], device=device)))
-                start += n
-    for key in ("packed", "packed_without_seq_idx"):
-        out[f"max_abs_diff_{key}"] = max(abs(a - b) for a, b in zip(out[key], out["alone"]))
-    return out
-
-
 def compare_grads(a: dict, b: dict) -> dict:
     """Relative error ||a - b|| / ||b|| per LoRA tensor: the worst, the median, and tensors without a gradient."""
     errors, missing = {}, []
@@ -143,13 +126,14 @@ def compare_grads(a: dict, b: dict) -> dict:
 
 
 @contextlib.contextmanager
-def fast_model(model, cfg):
-    """Inside: the model runs the fast path's model-level pieces that cfg's features ask for; after: as before."""
-    restore = fast.use_model_features(model, fast.parse_features(cfg.fast_features))
-    try:
-        yield
-    finally:
-        restore()
+def fast_model(model, settings):
+    """Inside: `model` runs the fast path's model-level pieces of `settings` (fastpath.model_pieces: experts,
+    norms, ReLU², attention, LoRA, the Mamba kernel binding); after: as before. Yields fastpath's report
+    ({piece: modules changed}). The checks call the model directly, so the collator is theirs to choose."""
+    import fastpath
+
+    with fastpath.model_pieces(model, settings, quiet=True) as report:
+        yield report
 
 
 def tokenized_examples(trainer, n: int) -> list[dict]:
@@ -159,29 +143,36 @@ def tokenized_examples(trainer, n: int) -> list[dict]:
 
 
 @contextlib.contextmanager
-def scratch_trainer(model, tokenizer, dataset, cfg):
-    """A trainer for `model` that leaves nothing behind: afterwards the fast-path pieces it switched on are off,
-    and the `forward` wrappers that TRL (fused LM head) and accelerate (autocast) put on the model are gone."""
-    saved = bench.saved_forwards(model)
-    trainer = training.make_trainer(model, tokenizer, dataset, cfg, save_strategy="no", report_to=[],
-                                    disable_tqdm=True)
+def scratch_trainer(model, tokenizer, dataset, cfg, fast=None):
+    """train.py's trainer for `model` (the fast path's collator and pieces with `fast`, a fastpath.Settings) that
+    leaves nothing behind: afterwards the pieces are off again, and the `forward` wrappers that TRL (fused LM
+    head) and accelerate (autocast) put on the model are gone."""
+    from helpers import training
+
+    saved = timing.saved_forwards(model)
+    trainer = timing.sft_trainer(model, tokenizer, dataset, cfg, fast)
     try:
-        yield trainer
+        if fast is None:
+            with training.nothing_applied(), training.cpu_loss_fallback():
+                yield trainer
+        else:
+            import fastpath
+
+            with fastpath.applied(trainer, fast, quiet=True), training.cpu_loss_fallback():
+                yield trainer
     finally:
-        if trainer.restore_model_features:
-            trainer.restore_model_features()
-        bench.restore_forwards(saved)
+        timing.restore_forwards(saved)
 
 
-def training_curves(model, tokenizer, dataset, cfg, steps: int) -> dict:
+def training_curves(model, tokenizer, dataset, cfg, steps: int, settings=None) -> dict:
     """Train `steps` steps on the standard path, reset LoRA, train the same steps fast; losses per step."""
+    settings = settings or settings_for()
     start = lora_snapshot(model)
     curves = {}
-    for name, is_fast in (("standard", False), ("fast", True)):
+    for name, fast in (("standard", None), ("fast", settings)):
         load_lora(model, start)
-        run = cfg.replace(run_name=f"check-{name}", fast=is_fast, max_steps=steps, logging_steps=1,
-                          gradient_accumulation_steps=1)
-        with scratch_trainer(model, tokenizer, dataset, run) as trainer:  # fast=True: the pieces on, then off
+        run = cfg.replace(run_name=f"check-{name}", max_steps=steps, logging_steps=1, gradient_accumulation_steps=1)
+        with scratch_trainer(model, tokenizer, dataset, run, fast) as trainer:  # fast: the pieces on, then off
             trainer.train()
             curves[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     diffs = [abs(a - b) / max(abs(b), 1e-9) for a, b in zip(curves["fast"], curves["standard"])]
@@ -193,37 +184,42 @@ def float32_reference(model, tokenizer, dataset, cfg, examples, seed: int) -> tu
     are measured against. Converts the model to float32 for good (call it last)."""
     model.float()
     randomize_lora_b(model, seed)
-    with scratch_trainer(model, tokenizer, dataset, cfg.replace(fast=False)) as trainer:
+    with scratch_trainer(model, tokenizer, dataset, cfg) as trainer:
         return loss_and_grads(trainer, model, trainer.data_collator(examples), autocast=False)
 
 
 def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: int = 0,
-          compare_features: list[str] | None = None, float32: bool = False) -> dict:
+          compare_features: list[str] | None = None, float32: bool = False, settings=None) -> dict:
     """All checks on one LoRA-wrapped model; returns a JSON-able record.
 
-    `compare_features`: other fast_features sets whose loss and gradients are also compared with the
-    standard path's (one piece at a time, to see which one moves the numbers). `float32`: finally, compare
-    both paths with the standard path's float32 gradients (the model stays in float32 afterwards).
+    `settings`: the fast path's `fastpath.Settings` (default: every piece this machine can run).
+    `compare_features`: other feature lists whose loss and gradients are also compared with the standard
+    path's (one piece at a time, to see which one moves the numbers). `float32`: finally, compare both paths
+    with the standard path's float32 gradients (the model stays in float32 afterwards).
     """
-    pad_id = hmodel.pad_id(tokenizer)
+    import fastpath
+    from helpers.model import pad_id as pad_id_of
+
+    settings = settings or settings_for()
+    pad_id = pad_id_of(tokenizer)
     start = lora_snapshot(model)  # the LoRA init (B = 0), for the training runs
-    with scratch_trainer(model, tokenizer, dataset, cfg.replace(fast=False)) as trainer:
+    with scratch_trainer(model, tokenizer, dataset, cfg) as trainer:
         examples = tokenized_examples(trainer, rows)
-        packed = fast.PackedCollator(pad_id)(examples)
+        packed = fastpath.PackedCollator(pad_id)(examples)
         randomize_lora_b(model, seed)
         std_loss, std_grads = loss_and_grads(trainer, model, trainer.data_collator(examples))
         row_grads = row_by_row_grads(trainer, model, examples)  # the noise floor: same rows, other shapes
-        with fast_model(model, cfg):
+        with fast_model(model, settings) as applied:
             fast_loss, fast_grads = loss_and_grads(trainer, model, packed)
             rows_check = per_row_losses(model, examples, pad_id)
         by_features = []
         for features in compare_features or []:
-            with fast_model(model, cfg.replace(fast_features=features)):
+            with fast_model(model, settings_for(features, settings.checkpointing)):
                 loss, grads = loss_and_grads(trainer, model, packed)
             by_features.append({"features": features, "loss_abs_diff": abs(std_loss - loss),
                                 "grads": compare_grads(grads, std_grads)})
     load_lora(model, start)
-    curves = training_curves(model, tokenizer, dataset, cfg, steps)
+    curves = training_curves(model, tokenizer, dataset, cfg, steps, settings)
     reference = {}
     if float32:
         load_lora(model, start)
@@ -236,7 +232,8 @@ def check(model, tokenizer, dataset, cfg, rows: int = 8, steps: int = 6, seed: i
         "per_row": rows_check,
         "grads": compare_grads(fast_grads, std_grads),
         "grads_noise_floor": compare_grads(row_grads, std_grads),
-        "features": sorted(fast.parse_features(cfg.fast_features)), "by_features": by_features,
+        "features": sorted(settings.pieces), "pieces_applied": timing.json_report(applied),
+        "by_features": by_features,
         "training": curves, "float32_reference": reference,
     }
 
@@ -251,28 +248,32 @@ def main(argv=None) -> dict:
     p.add_argument("--rows-per-step", type=int, default=32)
     p.add_argument("--routed-experts", action="store_true")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--fast-features", default=None, help="the fast path's pieces (default: all of them)")
+    p.add_argument("--fast-features", default=None, help="the fast path's pieces, a comma list of fastpath.FEATURES "
+                                                          "(default: all of them)")
     p.add_argument("--compare-features", nargs="*", default=[], metavar="FEATURES",
-                   help="also compare the loss and gradients of these fast_features sets (e.g. one piece added each)")
+                   help="also compare the loss and gradients of these feature lists (e.g. one piece added each)")
     p.add_argument("--float32-reference", action="store_true",
                    help="also compare both paths' gradients with the standard path's in float32 (slice8 fits)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "checks"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("check_fast.py compares the fused-kernel fast path with the standard one: it needs a GPU. "
-                         "The CPU tests (tests/test_fast.py) run the same checks on a tiny model without Mamba.")
-    model, tokenizer = bench.random_lora_model(args.arch, args.seed, routed_experts=args.routed_experts)
-    dist = bench.length_distribution(tokenizer, max_length=1024, seed=args.seed)
+                         "The CPU tests run the same checks on a tiny model without Mamba.")
+    from helpers.training import library_versions
+
+    settings = settings_for(args.fast_features)
+    model, tokenizer = models.random_lora_model(args.arch, args.seed, routed_experts=args.routed_experts)
+    dist = workload.length_distribution(tokenizer, max_length=1024, seed=args.seed)
     n = args.rows_per_step * (args.steps + 1)
-    dataset = Dataset.from_dict(bench.random_rows(dist["pairs"], n, model.config.vocab_size, [args.seed, 1]))
-    cfg = training.TrainConfig(run_name="check", output_root=tempfile.mkdtemp(), max_length=1024,
-                               per_device_train_batch_size=args.rows_per_step, gradient_accumulation_steps=1,
-                               learning_rate=2e-4, warmup_ratio=0.0, seed=args.seed, fast_features=args.fast_features)
+    dataset = Dataset.from_dict(workload.random_rows(dist["pairs"], n, model.config.vocab_size, [args.seed, 1]))
+    cfg = models.bench_config(seed=args.seed, max_length=1024, routed_experts=args.routed_experts).replace(
+        run_name="check", output_root=tempfile.mkdtemp(), per_device_train_batch_size=args.rows_per_step,
+        gradient_accumulation_steps=1, learning_rate=2e-4, warmup_ratio=0.0)
     record = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "arch": args.arch,
-              "gpu": torch.cuda.get_device_name(), "versions": training.library_versions(),
-              "routed_experts": args.routed_experts, "kernels": bench.kernel_status(),
+              "gpu": torch.cuda.get_device_name(), "versions": library_versions(),
+              "routed_experts": args.routed_experts, "kernels": models.kernel_status(),
               **check(model, tokenizer, dataset, cfg, rows=args.rows, steps=args.steps, seed=args.seed,
-                      compare_features=args.compare_features, float32=args.float32_reference)}
+                      compare_features=args.compare_features, float32=args.float32_reference, settings=settings)}
     out = Path(args.out) / f"fast_check_{args.arch}{'_experts' if args.routed_experts else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=str))

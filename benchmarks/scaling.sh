@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 6: data-parallel scaling on one machine with 2 GPUs (e.g. 2 x H100 80GB), in one command:
+# Data-parallel scaling on one machine with 2 GPUs (e.g. 2 x H100 80GB), in one command:
 #
 #   bash benchmarks/scaling.sh OUT_DIR            # everything below (~8-9 minutes on 2 x H100, see PARTS)
 #   bash benchmarks/scaling.sh OUT_DIR ddp        # only 1 vs 2 GPUs (DDP)          (~5 minutes)
@@ -16,6 +16,13 @@
 # STEPS (8), WARMUP (2), VARIANTS (standard; e.g. "standard fast"), FAST_CHECKPOINTING (moe),
 # FSDP_ARCH (ARCH; slice8 is quicker), FSDP_TOKENS (TOKENS).
 # Needs: CUDA, mamba_ssm + causal_conv1d (the standard variant refuses to run without them). No network.
+#
+# NCCL (the library the two processes exchange gradients through) is configured by your environment, not here;
+# each record keeps every NCCL_* variable under distributed.environment. One you may need: NCCL_NVLS_ENABLE=0.
+# NCCL uses NVLink SHARP ("NVLS": reductions done inside NVSwitch chips) where the machine seems to offer it; on
+# rented or virtualised machines whose switches are not fully exposed to you, setting it up can fail and stop the
+# launch. Turning it off should cost this benchmark little: DDP exchanges only the LoRA gradients (11.4M parameters,
+# ~45 MB in float32 per step). The committed scaling records ran with NCCL_NVLS_ENABLE=0.
 set -euo pipefail
 
 OUT=${1:?usage: bash benchmarks/scaling.sh OUT_DIR [all|ddp|fsdp]}
@@ -35,7 +42,6 @@ FAST_CHECKPOINTING=${FAST_CHECKPOINTING:-moe}
 FSDP_ARCH=${FSDP_ARCH:-$ARCH}
 FSDP_TOKENS=${FSDP_TOKENS:-$TOKENS}
 
-export NCCL_NVLS_ENABLE=0            # NVLink multicast (NVLS) off, as the device requires
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 LAUNCH=("$PYTHON" -m accelerate.commands.launch --num_processes 2)

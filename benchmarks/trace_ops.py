@@ -7,7 +7,7 @@ The profiler says *that* `copy_` takes 15% of the fast path's GPU time and `mul`
 not *why*. This script runs one step the way the Trainer does (the trainer's own collator and loss, bf16
 autocast, the same checkpointing) under a `TorchDispatchMode` that sees every aten op, forward and backward.
 Each op on a tensor of at least --min-elements elements is charged to the innermost line of transformers,
-PEFT, TRL, mamba_ssm, causal_conv1d, accelerate or helpers that asked for it; ops of the backward pass are
+PEFT, TRL, mamba_ssm, causal_conv1d, accelerate, helpers or fastpath that asked for it; ops of the backward pass are
 charged to the forward line that created them (autograd's anomaly mode keeps that line), and Python run inside
 backward (checkpointing's recomputation, a custom autograd function's backward) is labelled `recompute`. Lines are
 ranked by GPU time (CUDA events around
@@ -29,14 +29,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "notebooks"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from helpers import fast, training  # noqa: E402
+from benchmarks import models, timing, workload  # noqa: E402
 
 COPY_OPS = {"aten.copy_", "aten._to_copy", "aten.clone", "aten.contiguous", "aten.index_copy", "aten.index_copy_"}
 SPIN_CYCLES = 200_000  # ~0.1 ms of GPU clock cycles, more than the tracer's Python needs to launch an op
-OUR_CODE = ("transformers/", "peft/", "trl/", "mamba_ssm/", "causal_conv1d/", "accelerate/", "helpers/")
+OUR_CODE = ("transformers/", "peft/", "trl/", "mamba_ssm/", "causal_conv1d/", "accelerate/", "helpers/", "fastpath/")
 
 
 def _innermost(frames) -> str | None:
@@ -45,7 +45,10 @@ def _innermost(frames) -> str | None:
     for path, line, code in reversed(list(frames)):
         path = path.replace("\\", "/")
         if any(part in path for part in OUR_CODE) and "torch/utils" not in path:
-            return f"{path.split('site-packages/')[-1].split('notebooks/')[-1]}:{line} {(code or '').strip()}"
+            short = path.split("site-packages/")[-1].split("notebooks/")[-1]
+            if "/fastpath/" in short:
+                short = "fastpath/" + short.split("/fastpath/")[-1]
+            return f"{short}:{line} {(code or '').strip()}"
     return None
 
 
@@ -139,31 +142,48 @@ class OpTracer(TorchDispatchMode):
         return ms
 
 
-def one_step(peft_model, tokenizer, rows: dict, cfg, tracer: OpTracer, warmup: bool = False) -> float:
+def one_step(peft_model, tokenizer, rows: dict, cfg, tracer: OpTracer, fast=None, warmup: bool = False) -> float:
     """One optimizer step's forward + backward as the Trainer runs it, under `tracer`; returns the loss.
 
+    train.py's trainer (`timing.sft_trainer`), its collator, gradient checkpointing as the Trainer enables it
+    when training starts, and with `fast` (a fastpath.Settings) the fast path's pieces and checkpointing policy.
     `warmup`: run the same step once untraced first, so kernel compilation and tuning stay out of the trace.
+    On a CPU the packed rows go through the Mamba reference, which mixes rows: harmless for counting ops, so
+    the collator is built there with `allow_state_leak`.
     """
     from datasets import Dataset
 
-    trainer = training.make_trainer(peft_model, tokenizer, Dataset.from_dict(rows), cfg, save_strategy="no",
-                                    report_to=[], disable_tqdm=True)
+    import fastpath
+    from helpers import training
+
+    saved = timing.saved_forwards(peft_model)
+    trainer = timing.sft_trainer(peft_model, tokenizer, Dataset.from_dict(rows), cfg)
+    if fast is not None and "packing" in fast.pieces:
+        trainer.data_collator = fastpath.collator(peft_model, tokenizer, fast,
+                                                  allow_state_leak=not torch.cuda.is_available())
     if trainer.args.gradient_checkpointing:  # the Trainer does this when training starts
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
-        if cfg.fast:
-            fast.set_checkpointing(peft_model, cfg.checkpointing)
+        peft_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
     device = next(peft_model.parameters()).device
     examples = [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]
-    batch = fast.batch_to(trainer.data_collator(examples), device)
+    batch = fastpath.batch_to(trainer.data_collator(examples), device)
     peft_model.train()
-    if warmup:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            trainer.compute_loss(peft_model, batch).backward()
-        peft_model.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16), torch.autograd.set_detect_anomaly(True, check_nan=False):
-        with tracer:
-            loss = trainer.compute_loss(peft_model, batch)
-            loss.backward()
+    pieces = training.nothing_applied() if fast is None else fastpath.model_pieces(peft_model, fast, quiet=True)
+    try:
+        with pieces, training.cpu_loss_fallback():
+            if fast is not None and fast.checkpointing != "all":  # the policy fastpath applies when training starts
+                fastpath.set_checkpointing(peft_model, fast.checkpointing)
+            if warmup:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    trainer.compute_loss(peft_model, batch).backward()
+                peft_model.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16), \
+                    torch.autograd.set_detect_anomaly(True, check_nan=False):
+                with tracer:
+                    loss = trainer.compute_loss(peft_model, batch)
+                    loss.backward()
+    finally:
+        timing.restore_forwards(saved)
     return loss.item()
 
 
@@ -185,15 +205,15 @@ def by_file(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    import bench
+    from helpers.training import library_versions
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="real", choices=bench.ARCHS)
+    p.add_argument("--arch", default="real", choices=models.ARCHS)
     p.add_argument("--variant", default="fast", choices=["standard", "fast"])
     p.add_argument("--tokens", type=int, default=8192, help="tokens in the step (rows = tokens / mean row length)")
     p.add_argument("--checkpointing", default="all",
                    help="fast variant: block types that recompute (all, none, mamba,moe, moe:N, ...)")
-    p.add_argument("--fast-features", default=None, help="fast variant: helpers.fast.FEATURES to use")
+    p.add_argument("--fast-features", default=None, help="fast variant: a comma list of fastpath.FEATURES to use")
     p.add_argument("--ops", default="all", choices=["all", "copies"], help="every op, or copies and casts only")
     p.add_argument("--min-elements", type=int, default=4096, help="ignore ops on smaller tensors")
     p.add_argument("--top", type=int, default=25)
@@ -202,19 +222,22 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     # as on the GPU: bf16 weights (the router's bias in float32), float32 LoRA, bf16 autocast
-    peft_model, tokenizer = bench.random_lora_model(args.arch, args.seed, dtype=torch.bfloat16)
-    dist = bench.length_distribution(tokenizer, max_length=1024, seed=args.seed)
-    rows = bench.random_rows(dist["pairs"], max(1, round(args.tokens / dist["mean_tokens"])),
-                             peft_model.config.vocab_size, [args.seed, 3])
-    cfg = training.TrainConfig(run_name="trace", output_root=tempfile.mkdtemp(), max_length=1024,
-                               per_device_train_batch_size=len(rows["input_ids"]), gradient_accumulation_steps=1,
-                               fast=args.variant == "fast", checkpointing=args.checkpointing,
-                               fast_features=args.fast_features, seed=args.seed,
-                               extra={"allow_state_leak": not torch.cuda.is_available()})
-    if cfg.fast and not torch.cuda.is_available():
-        print("CPU: the Mamba layers run the PyTorch reference, which mixes packed rows; harmless for counting copies.")
+    fast = None
+    if args.variant == "fast":
+        import fastpath
+
+        fast = fastpath.Settings(args.fast_features, args.checkpointing)
+    peft_model, tokenizer = models.random_lora_model(args.arch, args.seed, dtype=torch.bfloat16)
+    dist = workload.length_distribution(tokenizer, max_length=1024, seed=args.seed)
+    rows = workload.random_rows(dist["pairs"], max(1, round(args.tokens / dist["mean_tokens"])),
+                                peft_model.config.vocab_size, [args.seed, 3])
+    cfg = models.bench_config(seed=args.seed, max_length=1024).replace(
+        run_name="trace", output_root=tempfile.mkdtemp(), per_device_train_batch_size=len(rows["input_ids"]),
+        gradient_accumulation_steps=1)
+    if fast is not None and not torch.cuda.is_available():
+        print("CPU: the Mamba layers run the PyTorch reference, which mixes packed rows; harmless for counting ops.")
     tracer = OpTracer(args.min_elements, copies_only=args.ops == "copies")
-    loss = one_step(peft_model, tokenizer, rows, cfg, tracer, warmup=torch.cuda.is_available())
+    loss = one_step(peft_model, tokenizer, rows, cfg, tracer, fast, warmup=torch.cuda.is_available())
     everything = report(tracer)
     lines, timed = everything[:args.top], tracer.timed
     unit = "ms" if timed else "GiB"
@@ -229,9 +252,9 @@ def main(argv=None) -> dict:
     files = by_file(everything)
     print(f"by file ({unit}): " + ", ".join(f"{f} {v:,.1f}" for f, v in list(files.items())[:8]))
     record = {"arch": args.arch, "variant": args.variant, "checkpointing": args.checkpointing, "ops": args.ops,
-              "features": sorted(fast.parse_features(args.fast_features)) if cfg.fast else None,
+              "features": sorted(fast.pieces) if fast is not None else None,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "versions": training.library_versions(), "loss": loss, "unit": unit, "total": round(total, 3),
+              "versions": library_versions(), "loss": loss, "unit": unit, "total": round(total, 3),
               "total_gib": round(sum(r["gib"] for r in everything), 3),
               "calls": sum(tracer.calls.values()), "by_file": files, "top": lines}
     if args.out:

@@ -33,14 +33,3 @@ def bench():
     torch.set_num_threads(1)
     yield module
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def mamba_kernel_binding():
-    """Put transformers' fused-Mamba binding back after every test: a test that trains on the fast path without
-    `training.train` (which switches the pieces off) leaves helpers.fast's frozen_out_proj wrapper on it."""
-    from transformers.models.nemotron_h import modeling_nemotron_h as module
-
-    bound = module.mamba2_split_conv1d_scan_combined
-    yield
-    module.mamba2_split_conv1d_scan_combined = bound

@@ -1,4 +1,4 @@
-"""Stage 6: several processes through accelerate, on CPU (2 processes, gloo), so CI keeps that path working.
+"""Several processes through accelerate, on CPU (2 processes, gloo), so CI keeps that path working.
 
 The GPU side (NCCL, one GPU per process, FSDP sharding) runs on GPU machines only: benchmarks/scaling.sh.
 """
@@ -13,7 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from helpers import data, distributed, model, training
+from helpers import data, training
+from helpers.config import TrainConfig
+from recipe import distributed
 
 CONFIGS = ("ddp.yaml", "ddp-multinode.yaml", "fsdp.yaml", "cpu-gloo.yaml")
 
@@ -22,7 +24,7 @@ def launch(repo, script, *args, config="cpu-gloo.yaml", timeout=300):
     """`accelerate launch --config_file configs/CONFIG --num_processes 2 SCRIPT ARGS` (on CPU: gloo).
 
     On a hang (processes waiting for each other) the launcher gets SIGTERM, which its torchrun agent passes on
-    to the processes it started (they run in sessions of their own), then SIGKILL.
+    to the processes it started (each leads its own process group), then SIGKILL.
     """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "configs" / config),
                "--num_processes", "2", str(script), *map(str, args)]
@@ -80,7 +82,8 @@ def test_one_process_is_unchanged(monkeypatch):
     with distributed.main_process_first():
         pass
     distributed.wait_for_everyone()
-    assert training.cpu_processes_args() == {}
+    assert distributed.sft_overrides(TrainConfig()) == {} and distributed.per_process_memory() is None
+    assert distributed.shards() == 1
 
 
 def test_each_process_loads_onto_its_own_gpu(monkeypatch):
@@ -88,22 +91,31 @@ def test_each_process_loads_onto_its_own_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    assert model.default_device_map() == {"": 1}
+    monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU machine answers
+    assert distributed.device_map() == {"": 1} and distributed.shards() == 1
+    assert distributed.sft_overrides(TrainConfig()) == {"ddp_find_unused_parameters": False,
+                                                        "ddp_broadcast_buffers": False}
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
-    assert model.default_device_map() is None and distributed.fsdp_activation_checkpointing()
-    if not torch.cuda.is_available():
-        assert training.cpu_processes_args() == {"use_cpu": True, "ddp_backend": "gloo"}
+    assert distributed.device_map() is None and distributed.fsdp_activation_checkpointing()
+    assert distributed.shards() == 2  # each GPU needs only half of the weights
+    assert distributed.sft_overrides(TrainConfig())["gradient_checkpointing"] is False  # FSDP recomputes itself
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU processes talk through gloo
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert distributed.device_map() is None
+    assert distributed.sft_overrides(TrainConfig()) == {"ddp_find_unused_parameters": False,
+                                                        "ddp_broadcast_buffers": False,
+                                                        "use_cpu": True, "ddp_backend": "gloo"}
 
 
 def test_batch_plan_line(capsys):
     plan = {"processes": 2, "per_device": 8, "gradient_accumulation": 4, "rows_per_step": 64,
             "learning_rate": 2e-4, "planned_steps": 2860}
-    training.print_batch_plan(plan)
+    training.print_plan(plan, "outputs/checkpoints/x/checkpoint-200")
     line = capsys.readouterr().out
-    assert line.startswith("2 processes x per-device 8 x accumulation 4 = effective batch 64 rows/step; "
-                           "learning rate 0.0002 (as set, not scaled")
-    assert "2860 optimizer steps" in line and "--set gradient_accumulation_steps=2" in line
+    assert line == ("2 processes x 8 rows x 4 accumulation = 64 rows per optimizer step; learning rate 0.0002; "
+                    "2860 steps; resuming from outputs/checkpoints/x/checkpoint-200\n")
 
 
 CHILD = textwrap.dedent("""
@@ -112,21 +124,21 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     sys.path.insert(0, {notebooks!r})
     import train
-    from helpers import distributed, training
+    from helpers import training
+    from recipe import distributed
 
-    out, real_train, real_finish, report = Path({out!r}), training.train, distributed.finish, {{}}
+    out, real_record, real_finish, report = Path({out!r}), training.run_record, distributed.finish, {{}}
 
-    def train_and_report(trainer, cfg, **kw):
-        record = real_train(trainer, cfg, **kw)
+    def record_and_report(trainer, cfg, timer, **kw):  # train.py calls it right after training, in every process
         digest = hashlib.sha256()  # this process's LoRA weights after training
         for key, p in sorted(trainer.model.named_parameters()):
             if p.requires_grad:
                 digest.update(key.encode())
                 digest.update(p.detach().cpu().numpy().tobytes())
         report.update(lora_sha256=digest.hexdigest(), step=trainer.state.global_step, world=trainer.args.world_size)
-        return record
+        return real_record(trainer, cfg, timer, **kw)
 
-    training.train = train_and_report
+    training.run_record = record_and_report
     distributed.finish = lambda: None  # keep the process group for the second run (one launch: faster test)
     for n, max_steps in ((1, 4), (2, 6)):  # the second run resumes from the first one's checkpoint-4
         summary = train.main({args!r} + [f"max_steps={{max_steps}}"])
@@ -163,9 +175,12 @@ def test_two_processes_train_in_step_and_resume(repo, tmp_path):
         assert rank0["returned_summary"] and not rank1["returned_summary"]  # only the main process finishes
     assert reports[(1, 0)]["lora_sha256"] != reports[(2, 0)]["lora_sha256"]  # and the second run trained on
 
-    # One process printed the plan and the summary (once per run).
-    assert stdout.count("2 processes x per-device 2 x accumulation 2 = effective batch 8 rows/step") == 2
-    assert stdout.count("Summary:") == 2 and stdout.count("Resuming from") == 1
+    # One process printed what will run, the batch line and the report (once per run).
+    assert stdout.count("Run smoke (preset smoke") == 2
+    assert stdout.count("2 processes x 2 rows x 2 accumulation = 8 rows per optimizer step") == 2
+    assert stdout.count("; resuming from ") == 1
+    assert stdout.count("smoke done: 4 steps, 32 rows") == 1
+    assert stdout.count("smoke done, resumed from checkpoint-4: 6 steps, 48 rows") == 1
 
     first, second = (json.loads((tmp_path / f"run{n}-metrics.json").read_text()) for n in (1, 2))
     assert first["effective_batch"] == {"per_device": 2, "gradient_accumulation": 2, "processes": 2,
@@ -175,7 +190,7 @@ def test_two_processes_train_in_step_and_resume(repo, tmp_path):
     assert second["steps"] == 6 and second["samples"] == 6 * 8 and second["resumed_from"].endswith("checkpoint-4")
     assert [s["step"] for s in second["step_times"]] == [5, 6]
     assert sorted(s for s, _ in second["loss_history"]) == [1, 2, 3, 4, 5, 6]
-    assert len(second["hardware"]["per_process"]) == 2
+    assert [p["rank"] for p in second["per_process"]] == [0, 1]
     # 6 steps x 8 rows = the 48 training rows, each once, split over the two processes: the token count is
     # the total of both processes, and the resumed run continued it.
     dataset, _ = data.load_formatted(tmp_path / "fmt")
@@ -190,6 +205,7 @@ def test_two_processes_train_in_step_and_resume(repo, tmp_path):
     assert (checkpoints / "adapter_model.safetensors").is_file()
     summary = json.loads((root / "runs" / "smoke" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["reloaded_matches"] and summary["merged_matches"]
+    assert summary["steps"] == 6 and summary["rows_trained"] == 48 and summary["accuracy"]["adapter"]["n"] == 8
 
 
 @pytest.mark.slow
@@ -219,21 +235,26 @@ def test_benchmark_under_two_processes(repo, tmp_path, bench):
 
 FSDP_CHILD = textwrap.dedent("""
     import json, sys, types, torch
+    sys.path.insert(0, {repo!r})
     sys.path.insert(0, {notebooks!r})
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
+    from peft import get_peft_model
     from transformers import NemotronHForCausalLM
-    from helpers import distributed, model
+    import train
+    from helpers.config import TrainConfig
+    from recipe import distributed, offline
 
     distributed.init()  # CPU: a gloo group (accelerate itself runs FSDP on GPUs only)
-    tokenizer = model.train_tiny_tokenizer(model.sample_texts())
+    tokenizer = offline.train_tiny_tokenizer(offline.sample_texts())
     ids = torch.randint(4, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
 
     def tiny_lora_model():
         torch.manual_seed(0)  # the same weights in both processes, as from_pretrained gives
-        net, _ = model.add_lora(NemotronHForCausalLM(model.tiny_config(len(tokenizer))), model.lora_config())
+        lora = train.lora_config(TrainConfig())
+        net = get_peft_model(NemotronHForCausalLM(offline.tiny_config(len(tokenizer))), lora)
         return net.train()
 
     def shard(net, plugin):  # what Accelerator.prepare does under FSDP2 (accelerate 1.15), minus mixed precision
@@ -279,7 +300,7 @@ def test_fsdp_config_shards_the_tiny_model_on_cpu(repo, tmp_path):
     NemotronHBlock sharded, LoRA with activation checkpointing trains, the adapter keeps PEFT's names. The GPU run
     (Trainer, bf16, real model) is benchmarks/scaling.sh."""
     script = tmp_path / "fsdp_child.py"
-    script.write_text(FSDP_CHILD.format(notebooks=str(repo / "notebooks"), out=str(tmp_path)))
+    script.write_text(FSDP_CHILD.format(repo=str(repo), notebooks=str(repo / "notebooks"), out=str(tmp_path)))
     done = launch(repo, script, config="fsdp.yaml")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     for rank in (0, 1):

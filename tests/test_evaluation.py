@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import data, evaluation
+from recipe import synthetic
 
 LETTER_IDS = {"A": 11, "B": 12, "C": 13, "D": 14}
 
@@ -45,7 +46,7 @@ class StubModel(torch.nn.Module):
 
 
 def examples(n=6):
-    rows = data.make_synthetic_medmcqa(n, seed=5)
+    rows = synthetic.make_synthetic_medmcqa(n, seed=5)
     for i, r in enumerate(rows):
         r["question"] += " " + "x" * (30 * i)  # distinct lengths
     return [data.format_example(r) for r in rows]

@@ -7,13 +7,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+import train
 from helpers import model as mh
+from helpers.config import TrainConfig
+from recipe import offline
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny model folder built once for this file (tokenizer trained on data/sample)."""
-    return mh.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return offline.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture
@@ -28,6 +31,17 @@ def batch(tokenizer):
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
+def add_lora(model, r=4, routed_experts=False, init_lora_weights=True, **changes):
+    """The tutorial's LoRA (train.lora_config, as notebook 03 builds it) on `model`; init_lora_weights=False
+    starts lora_B away from zero so that A gets gradients too."""
+    from peft import get_peft_model
+
+    config = train.lora_config(TrainConfig(lora_r=r, lora_alpha=2 * r, routed_experts=routed_experts, **changes))
+    config.init_lora_weights = init_lora_weights
+    mh.check_lora_targets(config)
+    return get_peft_model(model, config)
+
+
 def lora_parameters(peft_model):
     """Every lora_A / lora_B weight, by name."""
     return {n: p for n, p in peft_model.named_parameters() if "lora_A" in n or "lora_B" in n}
@@ -39,7 +53,7 @@ def lora_parameters(peft_model):
 def test_real_config_has_31_58b_parameters_and_about_3_6b_active():
     from transformers import NemotronHForCausalLM
 
-    config = mh.nemotron_nano_config()
+    config = offline.nemotron_nano_config()
     assert config.layers_block_type.count("linear_attention") == 23
     assert config.layers_block_type.count("moe") == 23
     assert config.layers_block_type.count("full_attention") == 6
@@ -76,14 +90,14 @@ def test_tiny_model_saves_reloads_and_runs(tiny_dir):
     for block in ("mamba", "attention", "routed_experts", "shared_experts", "router"):
         assert counts[block] > 0, block
     weights = next(tiny_dir.glob("*.safetensors")).stat().st_mtime_ns
-    assert mh.build_tiny_model(tiny_dir) == tiny_dir  # reused, not rebuilt
+    assert offline.build_tiny_model(tiny_dir) == tiny_dir  # reused, not rebuilt
     assert next(tiny_dir.glob("*.safetensors")).stat().st_mtime_ns == weights
 
 
 @pytest.mark.parametrize("vocab_size", [2048, 262])  # 262: no room for merges, added tokens step in
 def test_answer_letters_are_single_tokens(vocab_size):
-    tokenizer = mh.train_tiny_tokenizer(mh.FALLBACK_TEXTS, vocab_size=vocab_size)
-    letter_ids = [tokenizer.encode(t, add_special_tokens=False) for t in mh.ANSWER_TOKENS]
+    tokenizer = offline.train_tiny_tokenizer(offline.FALLBACK_TEXTS, vocab_size=vocab_size)
+    letter_ids = [tokenizer.encode(t, add_special_tokens=False) for t in offline.ANSWER_TOKENS]
     assert all(len(ids) == 1 for ids in letter_ids), letter_ids
     ids = tokenizer.encode("Answer: B. text", add_special_tokens=False)
     assert letter_ids[1][0] in ids
@@ -94,19 +108,22 @@ def test_answer_letters_are_single_tokens(vocab_size):
 def test_sample_texts_reads_medmcqa_rows(tmp_path):
     row = '{"id": "x", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0, "exp": null}'
     (tmp_path / "train.jsonl").write_text(row + "\n")
-    assert mh.sample_texts(tmp_path) == ["Q?", "a", "b", "c", "d"]
-    assert mh.sample_texts(tmp_path / "missing") == mh.FALLBACK_TEXTS
+    assert offline.sample_texts(tmp_path) == ["Q?", "a", "b", "c", "d"]
+    assert offline.sample_texts(tmp_path / "missing") == offline.FALLBACK_TEXTS
 
 
 # --- LoRA -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("target", ["out_proj", "conv1d"])
-def test_lora_config_refuses_targets_that_would_be_bypassed(target):
+def test_lora_targets_that_would_be_bypassed_are_refused(target):
+    config = train.lora_config(TrainConfig())
+    config.target_modules = {"q_proj", target}
     with pytest.raises(ValueError, match=target):
-        mh.lora_config(target_modules=["q_proj", target])
+        mh.check_lora_targets(config)
     with pytest.raises(ValueError, match="dropout"):
-        mh.lora_config(routed_experts=True, dropout=0.05)
+        mh.check_lora_targets(train.lora_config(TrainConfig(routed_experts=True, lora_dropout=0.05)))
+    mh.check_lora_targets(train.lora_config(TrainConfig(routed_experts=True)))
 
 
 def test_fused_mamba_kernel_reads_out_proj_weight_directly(tiny, monkeypatch):
@@ -135,7 +152,7 @@ def test_lora_wraps_the_intended_modules(tiny, routed_experts):
     from peft.tuners.lora.layer import ParamWrapper
 
     model, _ = tiny
-    peft_model, stats = mh.add_lora(model, mh.lora_config(r=4, alpha=8, routed_experts=routed_experts))
+    peft_model = add_lora(model, routed_experts=routed_experts)
     names = mh.lora_module_names(peft_model)
     print(names)
     suffixes = {name.split(".mixer.")[1] for name in names}
@@ -145,15 +162,15 @@ def test_lora_wraps_the_intended_modules(tiny, routed_experts):
     assert suffixes == (expected | routed if routed_experts else expected)
     wrappers = [m for m in peft_model.modules() if isinstance(m, ParamWrapper)]
     assert len(wrappers) == (2 * model.config.layers_block_type.count("moe") if routed_experts else 0)
-    assert 0 < stats["trainable"] < stats["total"] and stats["share"] < 0.5
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert 0 < trainable < total / 2
 
 
 @pytest.mark.parametrize("routed_experts", [False, True])
 def test_every_lora_parameter_gets_a_gradient(tiny, routed_experts):
     """A silently bypassed adapter would keep a zero (or missing) gradient here."""
     model, tokenizer = tiny
-    config = mh.lora_config(r=4, alpha=8, routed_experts=routed_experts, init_lora_weights=False)
-    peft_model, _ = mh.add_lora(model, config)  # init_lora_weights=False: lora_B != 0, so A gets grads
+    peft_model = add_lora(model, routed_experts=routed_experts, init_lora_weights=False)
     peft_model.train()
     inputs = batch(tokenizer)
     peft_model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
@@ -168,7 +185,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_dir):
     for checkpointing in (False, True):
         model, tokenizer = mh.load_model(tiny_dir)
         torch.manual_seed(0)
-        peft_model, _ = mh.add_lora(model, mh.lora_config(r=4, routed_experts=True, init_lora_weights=False))
+        peft_model = add_lora(model, routed_experts=True, init_lora_weights=False)
         if checkpointing:
             peft_model.gradient_checkpointing_enable()
         peft_model.train()
@@ -183,7 +200,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_dir):
 def test_merge_and_adapter_round_trip_keep_the_logits(tiny_dir, tmp_path):
     model, tokenizer = mh.load_model(tiny_dir)
     torch.manual_seed(0)
-    peft_model, _ = mh.add_lora(model, mh.lora_config(r=4, routed_experts=True, init_lora_weights=False))
+    peft_model = add_lora(model, routed_experts=True, init_lora_weights=False)
     peft_model.eval()
     inputs = batch(tokenizer)
     with torch.no_grad():
@@ -217,9 +234,10 @@ def test_preflight_on_cpu_fails_gpu_check_with_a_fix_and_never_raises(tiny_dir, 
     by_name = {check.name: check for check in checks}
     assert not by_name["GPU"].ok and "no GPU" in by_name["GPU"].message and by_name["GPU"].fix
     assert not by_name["Mamba kernels"].ok and "10x slower" in by_name["Mamba kernels"].message
-    assert "mamba-ssm" in by_name["Mamba kernels"].fix
+    assert "kernels" in by_name["Mamba kernels"].fix
+    assert "--preset smoke" in by_name["GPU"].fix
     assert "[FAIL] GPU" in capsys.readouterr().out
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(mh.PreflightFailed) as error:
         mh.require(checks)
     assert by_name["GPU"].message in str(error.value) and by_name["GPU"].fix in str(error.value)
     mh.require(checks, ignore=("GPU", "Mamba kernels", "disk"))
@@ -248,7 +266,24 @@ def test_load_model_refuses_other_architectures(tmp_path):
 
 
 def test_load_tokenizer_builds_the_tiny_model_on_first_use(tmp_path, monkeypatch):
-    monkeypatch.setattr(mh, "TINY_MODEL_DIR", tmp_path / "tiny-nemotron")
+    monkeypatch.setattr(mh, "TINY_MODEL", str(tmp_path / "tiny-nemotron"))
     tokenizer = mh.load_tokenizer(tmp_path / "tiny-nemotron")
     assert (tmp_path / "tiny-nemotron" / "config.json").is_file()
     assert tokenizer.pad_token == "<pad>" and tokenizer.model_max_length == 1024
+
+
+def test_parameter_counts_read_in_units_that_suit_them():
+    assert [mh.readable(n) for n in (31_580_000_000, 57_600_000, 412_300, 12)] == ["31.58B", "57.6M", "412.3K", "12"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes the GPU on a CPU machine")
+@pytest.mark.parametrize("total_gib, load_in_4bit, ok, words", [
+    (80, "auto", True, "bf16 weights need"), (40, "auto", True, "enough for the 4-bit"),
+    (40, "false", False, "allow 4-bit"), (16, "auto", False, "smallest allowed mode")])
+def test_gpu_check_knows_the_4bit_fallback(monkeypatch, total_gib, load_in_4bit, ok, words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (total_gib * mh.GIB * 0.95, total_gib * mh.GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    allow = str(load_in_4bit).lower() != "false"
+    check = mh._check_gpu(mh.DEFAULT_MODEL_GIB, mh.DEFAULT_MODEL_GIB * mh.NF4_SHARE if allow else None)
+    assert check.ok is ok and words in f"{check.message} {check.fix}"

@@ -1,19 +1,24 @@
-"""Stage 2: SFTTrainer on the tiny model — label masking, run records, resume, learning, the whole pipeline."""
+"""Training on the tiny model: label masking, run records, resume, learning, and train.py's whole pipeline."""
 
 import json
 import math
 import subprocess
 import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import pytest
 
 from helpers import data, evaluation, model, training
+from helpers.config import PRESETS, TrainConfig
+from recipe import cli
+from recipe.offline import build_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    return model.build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-nemotron")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-nemotron")
 
 
 @pytest.fixture(scope="session")
@@ -27,15 +32,28 @@ def tiny_cfg(tiny_model_dir, data_dir, tmp_path, **kw):
     base = dict(run_name="t", model_id=str(tiny_model_dir), data_dir=str(data_dir), output_root=str(tmp_path),
                 max_length=512, max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                 learning_rate=1e-3, logging_steps=1, save_steps=100, eval_batch_size=8)
-    return training.TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
+
+
+def sft_trainer(cfg, dataset, callbacks=()):
+    """The trainer train.py's pipeline builds: its LoraConfig and SFTConfig on the tiny model, with a StepTimer."""
+    import train
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    llm, tok = model.load_model(cfg.model_id)
+    set_seed(cfg.seed)
+    timer = training.StepTimer()
+    trainer = SFTTrainer(model=get_peft_model(llm, train.lora_config(cfg)), args=train.sft_config(cfg),
+                         train_dataset=training.training_rows(dataset, cfg.train_limit), processing_class=tok,
+                         callbacks=[timer, *callbacks])
+    return trainer, timer, tok
 
 
 def test_prompt_tokens_are_masked_and_the_answer_letter_is_trained(tiny_model_dir, sample_data, tmp_path):
     dataset, data_dir = sample_data
-    cfg = tiny_cfg(tiny_model_dir, data_dir, tmp_path)
-    llm, tok = model.load_model(cfg.model_id)
-    peft_model, _ = model.add_lora(llm, model.lora_config())
-    trainer = training.make_trainer(peft_model, tok, training.training_split(dataset), cfg)
+    trainer, _, tok = sft_trainer(tiny_cfg(tiny_model_dir, data_dir, tmp_path), dataset)
     letter_ids = evaluation.letter_token_ids(tok)
     for i in range(3):
         raw = dataset["train"][i]
@@ -51,47 +69,76 @@ def test_prompt_tokens_are_masked_and_the_answer_letter_is_trained(tiny_model_di
 def test_run_record_has_speed_memory_versions_and_loss(tiny_model_dir, sample_data, tmp_path):
     dataset, data_dir = sample_data
     cfg = tiny_cfg(tiny_model_dir, data_dir, tmp_path, max_steps=3)
-    llm, tok = model.load_model(cfg.model_id)
-    peft_model, _ = model.add_lora(llm, model.lora_config())
-    trainer = training.make_trainer(peft_model, tok, training.training_split(dataset), cfg)
-    record = training.train(trainer, cfg)
+    trainer, timer, _ = sft_trainer(cfg, dataset)
+    with training.cpu_loss_fallback():
+        trainer.train()
+    trainer.save_model(str(cfg.checkpoint_dir))
+    record = training.run_record(trainer, cfg, timer)
+    training.save_run_record(record, cfg.run_dir)
     saved = training.load_run_record(cfg.run_dir)
     assert saved == json.loads(json.dumps(record))
-    assert record["steps"] == 3 and record["samples"] == 12 and record["tokens"] > 12 * 50
-    assert record["tokens_per_second"] > 0 and record["seconds_per_step"] > 0
+    assert record["steps"] == record["steps_this_run"] == 3 and record["samples"] == 12
+    assert record["tokens"] > 12 * 50 and record["tokens"] == sum(s["tokens"] for s in record["step_times"])
+    assert record["steady_tokens_per_second"] > 0 and record["seconds_per_step"] > 0
     assert [s for s, _ in record["loss_history"]] == [1, 2, 3]
     assert all(math.isfinite(loss) for _, loss in record["loss_history"])
     assert record["versions"]["transformers"] == "5.17.0" and record["config"]["max_steps"] == 3
     assert record["hardware"]["device"] == "cpu" and record["trainable_parameters"] > 0
-    assert (cfg.run_dir / "loss.png").stat().st_size > 1000
     assert (cfg.checkpoint_dir / "adapter_config.json").exists()            # the adapter
     assert (cfg.checkpoint_dir / "tokenizer_config.json").exists()          # + tokenizer
-    assert list((cfg.run_dir / "tensorboard").iterdir())                    # TensorBoard logs
+    assert list(cfg.checkpoint_dir.glob("runs/*/events.out.tfevents.*"))   # TensorBoard logs
+
+
+def test_sharded_report_says_how_to_score_and_that_works(tiny_model_dir, sample_data, tmp_path, capsys):
+    """After FSDP train.py scores nothing (no GPU holds the whole model): its report prints Python lines that
+    score the saved adapter, and they do."""
+    from recipe import report
+
+    dataset, data_dir = sample_data
+    cfg = tiny_cfg(tiny_model_dir, data_dir, tmp_path, max_steps=2, run_name="sharded")
+    trainer, timer, _ = sft_trainer(cfg, dataset)
+    with training.cpu_loss_fallback():
+        trainer.train()
+    trainer.save_model(str(cfg.checkpoint_dir))
+    record = training.run_record(trainer, cfg, timer)
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    capsys.readouterr()
+    summary = report.finish(cfg, training.save_run_record(record, cfg.run_dir), manifest, {}, sharded=True,
+                            record=record)
+    out = capsys.readouterr().out
+    assert "Scoring skipped under FSDP" in out and summary["accuracy"] == {} and summary["steps"] == 2
+    assert all(f"  {line}" in out for line in summary["how_to_score"])
+    exec("\n".join(summary["how_to_score"]), {})
+    scored = json.loads((tmp_path / "eval" / "sharded-adapter.json").read_text())
+    assert scored["n"] == len(dataset["validation"])
 
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
-    sys.path.insert(0, {notebooks!r})
-    from helpers import data, model, training
+    sys.path[:0] = [{tests!r}, {repo!r}, {notebooks!r}]
     from transformers import TrainerCallback
+    from helpers import data, training
+    from helpers.config import TrainConfig
+    from test_training import sft_trainer
 
     class KillAfterSave(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             if state.global_step == {kill_at}:
                 os.kill(os.getpid(), signal.SIGKILL)   # a hard kill: no cleanup, no final save
 
-    cfg = training.TrainConfig(**{cfg!r})
-    dataset, _ = data.load_formatted(cfg.data_dir)
-    llm, tok = model.load_model(cfg.model_id)
-    peft_model, _ = model.add_lora(llm, model.lora_config())
-    trainer = training.make_trainer(peft_model, tok, training.training_split(dataset), cfg,
-                                    callbacks=[KillAfterSave()])
-    training.train(trainer, cfg)
+    cfg = TrainConfig(**{cfg!r})
+    trainer, timer, _ = sft_trainer(cfg, data.load_formatted(cfg.data_dir)[0], callbacks=[KillAfterSave()])
+    resume = training.last_checkpoint(cfg)             # as train.py resumes
+    print("resuming from", resume)
+    with training.cpu_loss_fallback():
+        trainer.train(resume_from_checkpoint=resume)
+    training.save_run_record(training.run_record(trainer, cfg, timer, resumed_from=resume), cfg.run_dir)
 """)
 
 
 def run_child(repo, cfg, kill_at=-1):
-    code = CHILD.format(notebooks=str(repo / "notebooks"), kill_at=kill_at, cfg=cfg.__dict__)
+    code = CHILD.format(tests=str(repo / "tests"), repo=str(repo), notebooks=str(repo / "notebooks"),
+                        kill_at=kill_at, cfg=cfg.__dict__)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
 
@@ -105,7 +152,7 @@ def test_killed_run_resumes_to_the_same_end_and_loss(repo, tiny_model_dir, sampl
     assert training.last_checkpoint(interrupted).endswith("checkpoint-4")
     resumed = run_child(repo, interrupted)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "Resuming from" in resumed.stdout
+    assert "resuming from " + str(interrupted.checkpoint_dir / "checkpoint-4") in resumed.stdout
 
     straight = tiny_cfg(tiny_model_dir, data_dir, tmp_path / "b", **common)
     assert run_child(repo, straight).returncode == 0
@@ -121,31 +168,79 @@ def test_killed_run_resumes_to_the_same_end_and_loss(repo, tiny_model_dir, sampl
         assert loss_a[step] == pytest.approx(loss_b[step], rel=2e-3), step
 
 
-def test_smoke_preset_runs_the_whole_pipeline(tmp_path):
-    """The README's first command: prepare, score, train, score, reload, merge, on the tiny model."""
+def report_of(out: str) -> list[str]:
+    """The lines of train.py's closing report (between its two rules of '=')."""
+    lines = out.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("=" * 40))
+    first = max(i for i, line in enumerate(lines[:start]) if line.startswith("=" * 40))
+    return lines[first + 1:start]
+
+
+def test_smoke_preset_runs_the_whole_pipeline(tmp_path, capsys):
+    """The README's first command: prepare, score, train, score, reload, merge, on the tiny model; then the same
+    command again (a finished run: its record is kept) and a rerun --like it."""
     import train
-    summary = train.main(["--preset", "smoke", "--set", f"output_root={tmp_path}", f"data_dir={tmp_path / 'fmt'}"])
+
+    argv = ["--preset", "smoke", "--set", f"output_root={tmp_path}", f"data_dir={tmp_path / 'fmt'}"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train.main(argv)
+    out = capsys.readouterr().out
+    assert not [w for w in caught if "pin_memory" in str(w.message)]  # no CPU-only warnings
+    assert out.startswith("Run smoke (preset smoke")
+    assert ("CPU: reference Mamba path" in out) == (not cli.cuda_present())
     assert summary["data_rows"]["train"] == 48 and summary["data_rows"]["validation"] == 16
     assert summary["reloaded_matches"] and summary["merged_matches"]
     assert summary["reloaded_accuracy"] == summary["adapter_accuracy"]
+    assert summary["accuracy"]["adapter"]["n"] == 16 and summary["tokens_per_second"] > 0
     record = training.load_run_record(tmp_path / "runs" / "smoke")
-    assert record["steps"] == training.PRESETS["smoke"]["max_steps"] and record["tokens"] > 0
-    assert (tmp_path / "runs" / "smoke" / "summary.json").exists()
+    assert record["steps"] == summary["steps"] == PRESETS["smoke"][1]["max_steps"] and record["tokens"] > 0
+    assert json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    names = summary["files"]
+    assert {"adapter", "run record", "loss plot", "summary"} <= set(names)
+    assert [name for name in names if name.startswith("scores")] == [f"scores ({k})" for k in
+                                                                      ("base", "adapter", "reloaded", "merged")]
+    for path in names.values():
+        assert Path(path).exists(), path
+    assert Path(names["loss plot"]).stat().st_size > 1000
+    report = report_of(out)
+    assert len(report) <= 16 and not any(line.lstrip().startswith(("{", '"')) for line in report)
+    text = "\n".join(report)
+    base, adapter = (f"{summary['accuracy'][k]['accuracy']:.1%}" for k in ("base", "adapter"))
+    assert f"Accuracy on 16 validation questions: base {base} -> adapter {adapter}" in text
+    assert "RANDOM" in text and "plumbing" in text and "noise" in text
+    for name in ("adapter", "run record", "loss plot", "summary"):
+        assert str(Path(names[name]).name) in text
+
+    # The same command again: the run is finished, nothing trains, and its record and figures are kept.
+    kept = (tmp_path / "runs" / "smoke" / "metrics.json").read_text()
+    again = train.main(argv + ["--skip-base-eval"])
+    out = capsys.readouterr().out
+    assert again["already_finished"] and not summary["already_finished"]
+    assert (tmp_path / "runs" / "smoke" / "metrics.json").read_text() == kept
+    for key in ("steps", "tokens", "tokens_per_second", "wall_seconds", "rows_trained"):
+        assert again[key] == summary[key], key
+    assert again["adapter_accuracy"] == summary["adapter_accuracy"]  # the finished adapter, scored again
+    text = "\n".join(report_of(out))
+    assert "smoke was already finished at step 12" in text and "record is kept" in text and "--fresh" in text
+    assert " 0 tokens/s" not in text and f"({summary['tokens_per_second']:,.0f} tokens/s)" in text
+
     # --like: the same run again from its record (config and prepared data), here shortened to 2 steps
-    again = train.main(["--like", str(tmp_path / "runs" / "smoke"), "--skip-base-eval", "--set", "max_steps=2"])
-    assert again["run"] == "smoke-again" and again["data_rows"] == summary["data_rows"]
+    like = train.main(["--like", str(tmp_path / "runs" / "smoke"), "--skip-base-eval", "--set", "max_steps=2"])
+    assert like["run"] == "smoke-again" and like["data_rows"] == summary["data_rows"] and like["preset"] is None
     rerun = training.load_run_record(tmp_path / "runs" / "smoke-again")
     assert rerun["steps"] == 2
     assert {k: v for k, v in rerun["config"].items() if k not in ("run_name", "max_steps")} == \
         {k: v for k, v in record["config"].items() if k not in ("run_name", "max_steps")}
 
 
-def test_tokens_per_second_after_skips_the_compiling_steps():
-    record = {"step_times": [{"seconds": 50.0, "tokens": 100}, {"seconds": 8.0, "tokens": 100},
-                             {"seconds": 0.5, "tokens": 100}, {"seconds": 1.5, "tokens": 300}]}
-    assert training.tokens_per_second_after(record, 2) == 200.0
-    assert training.tokens_per_second_after(record, 1) == 50.0
-    assert training.tokens_per_second_after(record, 4) is None
+def test_steady_speed_skips_the_compiling_steps():
+    steps = [{"seconds": 50.0, "tokens": 100}, {"seconds": 8.0, "tokens": 100},
+             {"seconds": 0.5, "tokens": 100}, {"seconds": 1.5, "tokens": 300}]
+    assert training.steady(steps, 2)["tokens_per_second"] == 200.0
+    assert training.steady(steps, 1)["tokens_per_second"] == 50.0
+    assert training.steady(steps, 2)["steps_counted"] == 2 and training.steady(steps, 2)["warmup_steps_excluded"] == 2
+    assert training.steady(steps[:1], 2)["warmup_steps_excluded"] == 0  # too short to skip anything
 
 
 def test_committed_reference_runs_are_comparable():
@@ -159,7 +254,7 @@ def test_committed_reference_runs_are_comparable():
     assert "NO" in unsloth_path.fairness_table(standard, unsloth, changed).splitlines()[4]
 
 
-def test_learning_is_visible_on_the_synthetic_task(tmp_path):
+def test_learning_is_visible_on_the_synthetic_task(tmp_path, capsys):
     """`--preset learn`, through train.main: the tiny model learns the code-word rule (chance is 25%)."""
     import train
     summary = train.main(["--preset", "learn", "--set", f"output_root={tmp_path}", f"data_dir={tmp_path / 'syn'}"])
@@ -168,4 +263,7 @@ def test_learning_is_visible_on_the_synthetic_task(tmp_path):
     assert summary["reloaded_matches"] and summary["merged_matches"]
     assert summary["reloaded_accuracy"] == summary["merged_accuracy"] == summary["adapter_accuracy"]
     record = training.load_run_record(tmp_path / "runs" / "learn")
-    assert record["steps"] == training.PRESETS["learn"]["max_steps"]
+    assert record["steps"] == PRESETS["learn"][1]["max_steps"]
+    assert (tmp_path / "data" / "synthetic-medmcqa" / "train.jsonl").is_file()  # generated data under output_root
+    text = "\n".join(report_of(capsys.readouterr().out))
+    assert "taught it the rule" in text and "plumbing" not in text

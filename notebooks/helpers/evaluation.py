@@ -1,8 +1,9 @@
-"""Stage 2: MedMCQA accuracy by letter scoring, plus a small generation demo.
+"""Notebook 03's scoring: MedMCQA accuracy by letter scoring, plus a small generation demo (train.py and
+notebook 04 use it too).
 
-The protocol is lm-evaluation-harness's `medmcqa` task: feed the prompt (ending
-in "Answer:"), read the next-token logits, and pick whichever of " A", " B",
-" C", " D" scores highest. One forward pass per batch, no sampling, no parsing.
+The protocol is lm-evaluation-harness's `medmcqa` task: feed the prompt (byte-identical to lm-eval's, ending in
+"Answer:"), read the next-token logits, and pick whichever of " A", " B", " C", " D" scores highest. One forward
+pass per batch, no sampling, no parsing.
 """
 
 from __future__ import annotations
@@ -131,7 +132,30 @@ def summarize(predictions: list[dict]) -> dict:
         "predicted_letters": {L: pred_counts[L] / n for L in LETTERS} if n else {},
         "answer_letters": {L: answer_counts[L] / n for L in LETTERS} if n else {},
         "always_A_baseline": answer_counts["A"] / n if n else 0.0,
+        "majority_letter": answer_counts.most_common(1)[0][0] if n else None,
+        "majority_baseline": answer_counts.most_common(1)[0][1] / n if n else 0.0,
     }
+
+
+def baselines(result: dict) -> str:
+    """What a model that knows nothing scores on these questions: always A, always the commonest letter, chance."""
+    return (f"baselines on these {result['n']} questions: always 'A' {result['always_A_baseline']:.1%}, always the "
+            f"commonest letter '{result['majority_letter']}' {result['majority_baseline']:.1%}, chance 25%")
+
+
+def _share(correct: float, n: int) -> str:
+    """'3/7' below 10 questions (a percentage would overstate it), else '43% of 70'."""
+    hits = round(correct * n)
+    return f"{hits}/{n}" if n < 10 else f"{correct:.0%} of {n}"
+
+
+def per_subject_table(before: dict, after: dict) -> str:
+    """Per-subject accuracy before -> after training, with the number of questions beside each."""
+    lines = [f"{'subject':<28}{'base':>12}{'adapter':>12}"]
+    for subject, v in after["per_subject"].items():
+        old = before["per_subject"].get(subject, {"accuracy": 0.0, "n": 0})
+        lines.append(f"{subject[:27]:<28}{_share(old['accuracy'], old['n']):>12}{_share(v['accuracy'], v['n']):>12}")
+    return "\n".join(lines)
 
 
 def evaluate(model, tokenizer, dataset, name: str, split: str = "validation", limit: int | None = None,

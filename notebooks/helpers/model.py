@@ -1,8 +1,9 @@
-"""Model helpers: the Nemotron-3-Nano config, a tiny offline stand-in, pre-flight checks,
-loading, parameter counts and LoRA adapters.
+"""Notebook 02's helpers: pre-flight checks, loading, parameter counts, memory, and adapters (notebook 03,
+notebook 04 and train.py use them too).
 
-transformers and peft are imported inside the functions, never at the top, so that
-`import unsloth` (which patches them) can run first in the Unsloth notebook.
+The lesson's own calls (`AutoModelForCausalLM.from_pretrained`, `LoraConfig`, `get_peft_model`) stay in the
+notebooks' cells; this module holds what would distract from them. transformers and peft are imported inside
+the functions, never at the top, so that `import unsloth` (which patches them) can come first in notebook 04.
 """
 
 from __future__ import annotations
@@ -19,137 +20,13 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL_ID = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
-TINY_MODEL_DIR = REPO_ROOT / "outputs" / "tiny-nemotron"
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+from .config import DEFAULT_MODEL_ID, TINY_MODEL
+
 GIB = 2**30
-# Measured: the bf16 weights of the 30B-A3B model take ~59 GiB on the GPU (31.58B x 2 bytes);
-# the download is the same bytes, ~63 GB.
+# Measured: the bf16 weights of the 30B-A3B model take ~59 GiB on the GPU (31.58B x 2 bytes); with the routed
+# experts in NF4 (helpers.quant) 19.6 GiB, a third of that.
 DEFAULT_MODEL_GIB = 59.0
-ANSWER_TOKENS = [" A", " B", " C", " D"]
-# One letter per layer: M = Mamba-2 ("linear_attention"), E = mixture of experts ("moe"),
-# * = attention ("full_attention"), - = dense MLP ("mlp"); see NemotronHConfig._pattern_to_list.
-NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
-
-
-# Configs ----------------------------------------------------------------------------------------
-
-
-def nemotron_nano_config(**overrides):
-    """The published Nemotron-3-Nano-30B-A3B architecture as a `NemotronHConfig`.
-
-    Needs no download: build it on the meta device to count parameters.
-    """
-    from transformers import NemotronHConfig
-
-    values = dict(
-        vocab_size=131072, hidden_size=2688, hybrid_override_pattern=NANO_PATTERN,
-        num_attention_heads=32, num_key_value_heads=2, head_dim=128,
-        mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8, conv_kernel=4, chunk_size=128,
-        n_routed_experts=128, num_experts_per_tok=6, n_shared_experts=1,
-        moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
-        routed_scaling_factor=2.5, norm_topk_prob=True, n_group=1, topk_group=1, mlp_hidden_act="relu2",
-        tie_word_embeddings=False, max_position_embeddings=262144, layer_norm_epsilon=1e-5,
-    )
-    return NemotronHConfig(**(values | overrides))
-
-
-def tiny_config(vocab_size: int):
-    """A NemotronH of ~400k parameters with every block type of the real model, fast on CPU.
-
-    Layers "MEM*E": Mamba-2, MoE (4 routed experts, 2 active, plus a shared expert), attention.
-    """
-    return nemotron_nano_config(
-        vocab_size=vocab_size, hidden_size=64, hybrid_override_pattern="MEM*E",
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16,
-        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=64, max_position_embeddings=1024,
-    )
-
-
-# Tiny offline model -----------------------------------------------------------------------------
-
-FALLBACK_TEXTS = [
-    "Question: Which nerve supplies the deltoid muscle? Choices: A. Axillary B. Radial C. Ulnar D. Median",
-    "Answer: A Explanation: The axillary nerve (C5, C6) supplies the deltoid and teres minor.",
-    "Question: Drug of choice for anaphylactic shock is Answer: B Explanation: intramuscular adrenaline.",
-    "Koplik spots are pathognomonic of measles. Hypokalaemia causes U waves on the ECG.",
-]
-
-
-def sample_texts(folder: Path = SAMPLE_DIR) -> list[str]:
-    """Every question, option and explanation string in `folder/*.jsonl` (MedMCQA rows).
-
-    Falls back to a few built-in medical sentences when the folder has no data.
-    """
-    texts = []
-    for path in sorted(Path(folder).glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line) if line.strip() else {}
-            fields = ("question", "opa", "opb", "opc", "opd", "exp")
-            texts += [row[key] for key in fields if isinstance(row.get(key), str)]
-    return texts or list(FALLBACK_TEXTS)
-
-
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048):
-    """Train a byte-level BPE tokenizer on `texts` and wrap it for transformers.
-
-    " A".." D" must each be ONE token: evaluation compares the next-token logits of exactly
-    those four ids after "Answer:".
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],  # ids 0-3, like the real tokenizer
-    )
-    # The prompt words and letters, repeated, so that BPE learns " A".." D" as merges.
-    seed_lines = [f"Question: Choices: Answer: {letter}. Explanation:" for letter in "ABCD"] * 25
-    bpe.train_from_iterator(list(texts) + seed_lines, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=1024,
-    )
-    # A very small vocabulary may have no room for those merges: add them as whole-word tokens.
-    missing = [t for t in ANSWER_TOKENS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
-    tokenizer.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in missing])
-    return tokenizer
-
-
-def _is_model_dir(folder: Path) -> bool:
-    """True when `folder` holds a saved config, weights and tokenizer."""
-    files = [folder / "config.json", folder / "tokenizer.json"]
-    return all(f.is_file() for f in files) and any(folder.glob("*.safetensors"))
-
-
-def build_tiny_model(out_dir=TINY_MODEL_DIR, texts=None, seed: int = 0, overwrite: bool = False) -> Path:
-    """Save a randomly initialised tiny NemotronH and its tokenizer as a normal model folder.
-
-    It stands in for the 30B model on CPU and in CI, so every step of the tutorial runs in
-    seconds. Returns the folder; an existing one is reused unless `overwrite`.
-    """
-    from transformers import NemotronHForCausalLM
-
-    out_dir = Path(out_dir)
-    if _is_model_dir(out_dir) and not overwrite:
-        return out_dir
-    tokenizer = train_tiny_tokenizer(sample_texts() if texts is None else texts)
-    config = tiny_config(vocab_size=len(tokenizer))
-    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    model = NemotronHForCausalLM(config)  # float32, fine on CPU
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    print(f"Tiny NemotronH ({sum(p.numel() for p in model.parameters()):,} parameters) saved to {out_dir}")
-    return out_dir
+NF4_SHARE = 19.6 / 58.9
 
 
 # Pre-flight checks ------------------------------------------------------------------------------
@@ -183,7 +60,7 @@ def _bound_implementation(function) -> str:
     `use_kernel_func_from_hub_with_fallback` tries to import mamba_ssm / causal_conv1d ONCE, when
     modeling_nemotron_h is imported, and keeps the result in the wrapper's closure: read it back.
     """
-    if isinstance(function, functools.partial) and function.args:  # helpers.fast.project_after_kernel(kernel, ...)
+    if isinstance(function, functools.partial) and function.args:  # fastpath wraps the kernel in a partial
         function = function.args[0]
     try:
         implementation = inspect.getclosurevars(function).nonlocals.get("implementation")
@@ -218,6 +95,7 @@ def estimate_weights_gib(model_id: str = DEFAULT_MODEL_ID) -> float | None:
     """GiB of bf16 weights of `model_id`, counted from its config; None if it can't be read."""
     if model_id == DEFAULT_MODEL_ID:
         return DEFAULT_MODEL_GIB
+    _build_tiny_if_missing(model_id)
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -233,37 +111,37 @@ def _is_small(need_gib) -> bool:
     return need_gib is not None and need_gib < 1
 
 
-def _check_gpu(need_gib) -> Check:
-    """Is there a GPU with enough free memory for the weights?"""
+def _check_gpu(need_gib, four_bit_gib=None) -> Check:
+    """Is there a GPU with enough free memory for the bf16 weights, or else (when allowed) the 4-bit ones?"""
     if not torch.cuda.is_available():
         if _is_small(need_gib):
             return Check("GPU", True, "no GPU: fine for the offline tiny model only")
         size = f" with ~{need_gib:.0f} GiB free" if need_gib else ""
         return Check(
             "GPU", False, f"no GPU: this model needs a CUDA GPU{size} for its weights",
-            "run on an 80 GB NVIDIA GPU (H100/A100 80GB, H200); on CPU use the tiny model (build_tiny_model())",
+            "run on a CUDA GPU (bf16: 80 GB; 4-bit: 40 GB, even 24 GB); on a CPU use the offline tiny model "
+            "(train.py --preset smoke; notebooks: MODEL_ID=outputs/tiny-nemotron)",
         )
     free, total = (x / GIB for x in torch.cuda.mem_get_info())
     gpu = f"{torch.cuda.get_device_name()}: {free:.1f} of {total:.1f} GiB free"
     if need_gib is not None and free < need_gib:
+        if four_bit_gib is not None and free >= four_bit_gib:
+            return Check("GPU", True, f"{gpu}: too small for the bf16 weights (~{need_gib:.0f} GiB), enough for "
+                                      f"the 4-bit ones (~{four_bit_gib:.0f} GiB)")
+        smallest = four_bit_gib if four_bit_gib is not None else need_gib
         return Check(
-            "GPU", False, f"{gpu}; bf16 weights alone need ~{need_gib:.0f} GiB (a 40 GB card can't hold them)",
-            "use an 80 GB card (H100/A100 80GB) or larger, and stop other processes on it (nvidia-smi)",
+            "GPU", False, f"{gpu}; the weights alone need ~{smallest:.0f} GiB even in the smallest allowed mode",
+            "use a larger card (or stop other processes on it: nvidia-smi)"
+            + ("" if four_bit_gib is not None else ", or allow 4-bit (LOAD_IN_4BIT / --set load_in_4bit=auto)"),
         )
-    return Check("GPU", True, f"{gpu}; weights need ~{need_gib or 0:.0f} GiB")
+    return Check("GPU", True, f"{gpu}; bf16 weights need ~{need_gib or 0:.0f} GiB")
 
 
 def _is_downloaded(model_id: str) -> bool:
-    """True when the weights are already on disk: a local folder or a complete Hub cache entry."""
-    from huggingface_hub import snapshot_download
+    """True when the weights are on disk already: a local folder, or the Hub cache (then no download is needed)."""
+    from huggingface_hub import try_to_load_from_cache
 
-    try:
-        local = Path(model_id).is_dir()
-        folder = Path(model_id) if local else Path(snapshot_download(model_id, local_files_only=True))
-        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
-    except Exception:  # not in the cache, or a single-file model
-        return Path(model_id).is_dir()
-    return all((folder / shard).is_file() for shard in shards)
+    return Path(model_id).is_dir() or isinstance(try_to_load_from_cache(model_id, "config.json"), str)
 
 
 def _existing_parent(path) -> Path:
@@ -305,25 +183,25 @@ def _check_kernels(need_gib) -> Check:
         "with one easily missed log line, to a reference Mamba implementation measured ~10x slower "
         "(~640 vs ~7,000 tokens/s on an H100 80GB for the full model) and out of memory above ~1k "
         "tokens per step",
-        "on a CUDA machine: `uv sync --extra kernels` or "
-        "`uv pip install --no-build-isolation mamba-ssm causal-conv1d`, then restart Python",
+        "on a CUDA machine install the locked kernels (README, 'Set up'), then restart Python",
     )
 
 
-def preflight(
-    model_id=DEFAULT_MODEL_ID, need_gib=None, disk_path=".", need_disk_gib=None, merge=False, shards=1
-) -> list[Check]:
+def preflight(model_id=DEFAULT_MODEL_ID, need_gib=None, disk_path=".", need_disk_gib=None, merge=False, shards=1,
+              load_in_4bit="auto") -> list[Check]:
     """Check GPU memory, disk space and Mamba kernels before spending an hour on a download.
 
-    `shards`: FSDP over that many GPUs, so each GPU needs only its share of the weights.
+    `shards`: FSDP over that many GPUs, so each GPU needs only its share of the weights. `load_in_4bit`
+    ("auto", "true", "false"): whether a card too small for bf16 may fall back to NF4 routed experts.
     Prints one line per check and returns them; never raises. Pass the list to `require`.
     """
     model_id = str(model_id)
     _build_tiny_if_missing(model_id)  # the offline tiny model is made on first use, as load_model does
     need_gib = estimate_weights_gib(model_id) if need_gib is None else need_gib
+    share = need_gib / shards if need_gib is not None else None
     checks = []
     for name, check, args in [
-        ("GPU", _check_gpu, (need_gib / shards if need_gib is not None else None,)),
+        ("GPU", _check_gpu, (share, share * NF4_SHARE if share and str(load_in_4bit).lower() != "false" else None)),
         ("disk", _check_disk, (model_id, need_gib, disk_path, need_disk_gib, merge)),
         ("Mamba kernels", _check_kernels, (need_gib,)),
     ]:
@@ -336,12 +214,20 @@ def preflight(
     return checks
 
 
+class PreflightFailed(RuntimeError):
+    """A pre-flight check failed: the message names each failed check and its fix."""
+
+
 def require(checks: list[Check], ignore: tuple[str, ...] = ()) -> None:
-    """Raise a RuntimeError listing every failed check (except those named in `ignore`)."""
+    """Raise PreflightFailed listing every failed check (except those named in `ignore`)."""
     failed = [c for c in checks if not c.ok and c.name not in ignore]
     if failed:
         details = "\n".join(f"- {c.name}: {c.message}\n  fix: {c.fix}" for c in failed)
-        raise RuntimeError(f"{len(failed)} pre-flight check(s) failed:\n{details}")
+        raise PreflightFailed(f"{len(failed)} pre-flight check(s) failed:\n{details}")
+
+
+# Loading, counting, memory ----------------------------------------------------------------------
+
 
 
 # Loading, counting, memory ----------------------------------------------------------------------
@@ -349,8 +235,10 @@ def require(checks: list[Check], ignore: tuple[str, ...] = ()) -> None:
 
 def _build_tiny_if_missing(model_id: str) -> None:
     """Build the tiny offline model the first time its folder (TINY_MODEL_DIR) is asked for."""
-    if Path(model_id).resolve() == TINY_MODEL_DIR.resolve() and not _is_model_dir(TINY_MODEL_DIR):
-        build_tiny_model(TINY_MODEL_DIR)
+    if Path(model_id).resolve() == Path(TINY_MODEL).resolve():
+        from recipe.offline import build_tiny_model  # the headless recipe's offline stand-in
+
+        build_tiny_model(TINY_MODEL)
 
 
 def load_tokenizer(model_id=DEFAULT_MODEL_ID, revision=None):
@@ -379,25 +267,12 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def default_device_map():
-    """Where `load_model` puts the weights on a GPU machine: all on this process's GPU.
-
-    One process: the current GPU. Under `accelerate launch` (one process per GPU): `cuda:LOCAL_RANK`, so
-    each process holds its own full copy ("auto" would split one copy over every GPU). Under FSDP: None,
-    i.e. load on the CPU; accelerate then moves each GPU's shard over, so no GPU holds the whole model.
-    """
-    from . import distributed
-
-    if distributed.fsdp_enabled():
-        return None
-    return {"": distributed.local_rank() if distributed.launched() else torch.cuda.current_device()}
-
-
 def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=None, attn_implementation=None):
     """Load a NemotronH model and its tokenizer with transformers' built-in code (no remote code).
 
-    Defaults: bfloat16 on this process's GPU (`cuda:LOCAL_RANK` under accelerate launch; on the CPU under FSDP,
-    which shards it later), float32 on CPU. Returns (model, tokenizer).
+    Defaults: bfloat16 on the current GPU, float32 on a CPU; `device_map` places it elsewhere (train.py: this
+    process's GPU under accelerate launch, the CPU under FSDP). Never "auto": no silent offloading to the CPU.
+    Returns (model, tokenizer).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -407,12 +282,12 @@ def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=
     if config.model_type != "nemotron_h":
         raise ValueError(
             f"{model_id} is a '{config.model_type}' model, but these helpers are for 'nemotron_h' "
-            f"(Nemotron-H / Nemotron-3). Fix: use {DEFAULT_MODEL_ID} or the tiny model from build_tiny_model()."
+            f"(Nemotron-H / Nemotron-3). Fix: use {DEFAULT_MODEL_ID} or the offline tiny model {TINY_MODEL}."
         )
     on_gpu = torch.cuda.is_available()
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     if device_map is None and on_gpu:
-        device_map = default_device_map()  # this process's GPU (FSDP: the CPU); never "auto" offloading
+        device_map = {"": torch.cuda.current_device()}
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         model_id, config=config, revision=revision, dtype=dtype, device_map=device_map,
@@ -460,13 +335,20 @@ def count_parameters(model) -> dict:
     return counts
 
 
+def readable(count: float) -> str:
+    """A parameter count in the unit that suits it: 31.58B, 57.6M, 412.3K."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f}{unit}" if unit == "B" else f"{count / scale:.1f}{unit}"
+    return str(int(count))
+
+
 def parameter_table(counts: dict) -> str:
-    """`count_parameters` as a small table: billions (or millions, for small models) and shares."""
-    scale, unit = (1e9, "B") if counts["total"] >= 1e8 else (1e6, "M")
+    """`count_parameters` as a small table: each block's parameters in readable units and its share."""
     lines = [f"{'block':<17}{'params':>10}{'share':>9}"]
     for key, value in counts.items():
         if value or key == "total":
-            lines.append(f"{key:<17}{value / scale:>9.3f}{unit}{value / counts['total']:>9.1%}")
+            lines.append(f"{key:<17}{readable(value):>10}{value / counts['total']:>9.1%}")
     return "\n".join(lines)
 
 
@@ -502,52 +384,16 @@ BYPASSED_TARGETS = {
 }
 
 
-def lora_config(r=16, alpha=32, dropout=0.0, routed_experts=False, target_modules=None, **extra):
-    """A PEFT LoraConfig for NemotronH; `routed_experts=True` also adapts every routed expert.
-
-    Refuses targets whose adapter would silently never run. `extra` goes to LoraConfig.
-    With routed experts, PEFT builds W + B@A for each whole expert stack on every forward and autograd
-    keeps it for backward (~1.2 GiB per tensor in bf16; measured +4.1 GiB for two real-size MoE layers
-    at 4k tokens, ~55 GiB for all 23): use gradient checkpointing, which brings it back to ~0.1 GiB.
-    """
-    from peft import LoraConfig
-
-    targets = list(LORA_TARGET_MODULES) if target_modules is None else target_modules
+def check_lora_targets(config) -> None:
+    """Refuse LoRA targets whose adapter would silently never run, and dropout the routed experts can't use."""
+    targets = config.target_modules
     for name, reason in BYPASSED_TARGETS.items():
-        if any(name in target for target in ([targets] if isinstance(targets, str) else targets)):
-            raise ValueError(
-                f"LoRA on '{name}' would never run: {reason}, bypassing any adapter on the module. "
-                f"Fix: remove '{name}' from target_modules (defaults: {LORA_TARGET_MODULES})."
-            )
-    if routed_experts and dropout:
-        raise ValueError(
-            "LoRA dropout must be 0.0 with routed_experts=True: PEFT adds B@A to the fused expert weights, "
-            "where dropout on the input cannot be applied. Fix: dropout=0.0."
-        )
-    return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM",
-        target_parameters=list(ROUTED_EXPERT_PARAMETERS) if routed_experts else None, **extra,
-    )
-
-
-def add_lora(model, config):
-    """Wrap `model` with LoRA adapters; print how many parameters will train.
-
-    Returns (peft_model, {"trainable": ..., "total": ..., "share": ...}).
-    """
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, config)
-    return peft_model, trainable_stats(peft_model)
-
-
-def trainable_stats(peft_model, label: str = "LoRA") -> dict:
-    """Print and return how many parameters will train: {"trainable", "total", "share"}."""
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
-    stats = {"trainable": trainable, "total": total, "share": trainable / total}
-    print(f"{label}: {trainable:,} trainable of {total:,} parameters ({stats['share']:.3%})")
-    return stats
+        if any(name in target for target in ([targets] if isinstance(targets, str) else targets or [])):
+            raise ValueError(f"LoRA on '{name}' would never run: {reason}, bypassing any adapter on the module. "
+                             f"Fix: remove '{name}' from target_modules (defaults: {LORA_TARGET_MODULES}).")
+    if config.target_parameters and config.lora_dropout:
+        raise ValueError("LoRA dropout must be 0.0 with routed-expert LoRA: PEFT adds B@A to the fused expert "
+                         "weights, where dropout on the input cannot be applied. Fix: lora_dropout=0.0.")
 
 
 def lora_module_names(peft_model) -> list[str]:
@@ -605,3 +451,4 @@ def save_merged(merged, tokenizer, out_dir) -> Path:
     tokenizer.save_pretrained(out_dir)
     print("Merged model saved to", out_dir)
     return Path(out_dir)
+

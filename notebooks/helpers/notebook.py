@@ -1,21 +1,20 @@
-"""Small conveniences for running the notebooks anywhere: settings, Colab, offline mode."""
+"""Running the notebooks anywhere (all four, 01-04): parameters from environment variables (`setting`), paths that
+work from any folder (`resolve_path`), and the set-up cell's `setup()` (on Colab it installs the locked stack the
+runtime lacks: recipe/colab.py).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def setting(name: str, default):
-    """A notebook parameter: the environment variable `name` if set, else `default`.
-
-    The value is converted to the default's type, so `MAX_STEPS=20` in the
-    environment becomes the int 20 and `WITH_EXPLANATION=false` the bool False.
-    """
+    """A notebook parameter: the environment variable `name` in the default's type (`MAX_STEPS=20` gives the int
+    20, `WITH_EXPLANATION=false` False; JSON or text where the default is None, a list or a dict), else `default`."""
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -23,11 +22,9 @@ def setting(name: str, default):
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ValueError(f"{name}={raw!r}: expected true/false.")
         return raw.lower() in ("1", "true", "yes")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    if default is None or isinstance(default, (list, dict)):  # None: a number, null, a list... or text
+    if isinstance(default, (int, float)):
+        return type(default)(raw)
+    if default is None or isinstance(default, (list, dict)):
         if raw.lower() in ("", "none", "null"):
             return None
         try:
@@ -37,63 +34,21 @@ def setting(name: str, default):
     return raw
 
 
-def in_colab() -> bool:
-    """True when running on Google Colab."""
-    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
-
-
 def resolve_path(path: str | Path) -> str:
-    """Make a repo-relative path (like 'data/sample') absolute, so notebooks work from any folder.
-
-    Hub ids such as 'nvidia/...' are returned unchanged.
-    """
-    p = Path(path)
-    if p.is_absolute() or str(path) == "hub":
+    """A repo-relative path (like 'data/sample') made absolute, so notebooks work from any folder; Hub ids unchanged.
+    Paths under outputs/ (like the offline model, outputs/tiny-nemotron) are the repository's even before they exist."""
+    if Path(path).is_absolute() or str(path) == "hub":
         return str(path)
-    for base in (Path.cwd(), REPO_ROOT):
-        if (base / p).exists():
-            return str((base / p).resolve())
-    return str(path)
+    found = [base / path for base in (Path.cwd(), REPO_ROOT) if (base / path).exists()]
+    if not found and Path(path).parts[:1] == ("outputs",):  # what the notebooks make: the repository's, to come
+        found = [REPO_ROOT / path]
+    return str(found[0].resolve()) if found else str(path)
 
 
-# The packages a Colab runtime needs, at the versions of requirements-cuda.lock.
-COLAB_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "unsloth-zoo",
-                  "bitsandbytes", "xformers", "mamba-ssm", "causal-conv1d")
+def setup() -> None:
+    """The set-up cell's work: on Colab install the locked stack the runtime lacks; everywhere check the GPU.
 
+    The installing lives in recipe/colab.py: plumbing, not part of the lesson."""
+    from recipe import colab
 
-def locked_versions(lock: str | Path = REPO_ROOT / "requirements-cuda.lock", names=COLAB_PACKAGES) -> dict:
-    """`{name: version}` for `names`, read from the hash-pinned lock file."""
-    versions = {}
-    for line in Path(lock).read_text().splitlines():
-        if "==" in line and not line.startswith((" ", "#")):
-            name, version = line.split(";")[0].split("==")
-            versions[name.strip()] = version.strip(" \\")
-    return {n: versions[n] for n in names if n in versions}
-
-
-def colab_install(force: bool = False) -> list[str]:
-    """On Colab (or with force=True), pip-install the locked versions; elsewhere only say what would run."""
-    import importlib.metadata
-    import subprocess
-
-    pins = locked_versions()
-    missing = []
-    for name, version in pins.items():
-        try:
-            if importlib.metadata.version(name) != version:
-                missing.append(f"{name}=={version}")
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(f"{name}=={version}")
-    if not missing:
-        print("All pinned packages are installed.")
-        return []
-    if not (in_colab() or force):
-        print("Not on Colab: install with the README's set-up instead. Missing or different:", " ".join(missing))
-        return missing
-    if any(m.startswith(("mamba-ssm", "causal-conv1d")) for m in missing):
-        print("Note: mamba-ssm and causal-conv1d compile from source where no prebuilt wheel matches this "
-              "runtime's torch/CUDA: this can take 20+ minutes. Without them training is ~10x slower.")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", *missing], check=True)
-    if any(m.startswith("torch==") for m in missing):
-        print("torch changed: restart the runtime (Runtime > Restart session), then run the notebook again.")
-    return missing
+    colab.setup()

@@ -1,8 +1,7 @@
-"""Pictures for every stage: data, lengths, losses, accuracy and speed.
+"""The notebooks' pictures: data (01), losses and accuracy (03), speed (04).
 
-Each function draws one figure, saves it as a PNG under `outputs/figures/`
-(so slides and the README can use it) and shows it inline in Jupyter.
-It returns the PNG's path.
+Each function draws one figure, saves it as a PNG under `outputs/figures/` (so slides and the README can use it)
+and shows it inline in Jupyter. It returns the PNG's path.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import matplotlib
 if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "qt", "tk", "macosx")):
     matplotlib.use("Agg")  # headless (CI, train.py): draw to files only
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from .data import LETTERS  # noqa: E402
 
@@ -55,11 +55,14 @@ def plot_answers_and_explanations(splits: dict, name="answers_explanations", out
     ax1.axhline(0.25, color="grey", ls="--", lw=1, label="uniform (25%)")
     ax1.set_xticks([j + width * (len(splits) - 1) / 2 for j in range(4)], LETTERS)
     ax1.set_ylabel("share of rows")
+    ax1.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax1.set_title("Correct answer letter")
     ax1.legend()
     with_exp = [sum(bool(r["has_explanation"]) for r in rows) / len(rows) for rows in splits.values()]
     ax2.bar(list(splits), with_exp, color="#55A868")
     ax2.set_ylim(0, 1)
+    ax2.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax2.set_ylabel("share of rows")
     ax2.set_title("Rows with an explanation")
     for x, v in enumerate(with_exp):
         ax2.text(x, v + 0.02, f"{v:.0%}", ha="center")
@@ -89,7 +92,9 @@ def plot_truncation(lengths: list[int], max_lengths=(128, 256, 384, 512, 768, 10
     ax.plot(max_lengths, shares, marker="o")
     ax.set_xscale("log", base=2)
     ax.set_xticks(max_lengths, [str(m) for m in max_lengths])
-    ax.set_ylabel("rows truncated")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylim(0, max(max(shares) * 1.1, 0.05))
+    ax.set_ylabel("rows truncated (% of all rows)")
     ax.set_xlabel("max_length (tokens)")
     ax.set_title("How much would each max_length cut?")
     return save_figure(fig, name, out_dir)
@@ -130,35 +135,55 @@ def _label(record: dict) -> str:
     return f"{record['stack']} ({record['hardware'].get('gpu_name') or 'CPU'})"
 
 
-def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, note: str = "",
-                          skip: int = 2) -> Path:
-    """Side by side for several run records: tokens/s after `skip` warm-up steps, median s/step, wall time
-    (compilation included), peak memory, loss curves."""
-    from .training import tokens_per_second_after
+def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, note: str = "") -> Path:
+    """Side by side for several run records: steady tokens/s, median s/step, wall time (compilation included),
+    peak memory, and the loss curves (dashed and marked, so curves that coincide stay visible)."""
+    from .training import steady
 
-    panels = [(lambda r: tokens_per_second_after(r, skip), f"tokens/s after {skip} warm-up steps"),
-              (lambda r: r.get("seconds_per_step"), "median seconds/step"),
-              (lambda r: r.get("wall_seconds"), "total wall time (s), compilation included"),
-              (lambda r: r["hardware"].get("peak_allocated_gib"), "peak GPU memory (GiB)")]
+    panels = [(lambda r: steady(r["step_times"])["tokens_per_second"], "tokens/s after warm-up", "{:,.0f}"),
+              (lambda r: steady(r["step_times"])["median_seconds_per_step"], "median seconds/step", "{:.3f}"),
+              (lambda r: r.get("wall_seconds"), "wall time (s), compilation included", "{:,.0f}"),
+              (lambda r: r["hardware"].get("peak_allocated_gib"), "peak GPU memory (GiB)", "{:.1f}")]
     fig, axes = plt.subplots(1, 5, figsize=(19, 3.8), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.8]})
     labels = [r["stack"] for r in records]
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(records)]
-    for i, (ax, (get, title)) in enumerate(zip(axes, panels)):
+    for i, (ax, (get, title, fmt)) in enumerate(zip(axes, panels)):
         values = [get(r) or 0 for r in records]
         ax.bar(labels, values, color=colors)
         for x, v in enumerate(values):
-            ax.text(x, v, f"{v:,.3g}", ha="center", va="bottom")
+            ax.text(x, v, fmt.format(v), ha="center", va="bottom", fontsize=9)
         if i == 0 and values[0]:
             ax.set_xticks(range(len(labels)), [f"{lab}\n{v / values[0]:.2f}x" for lab, v in zip(labels, values)])
         ax.set_title(title, fontsize=9)
-    for record, color in zip(records, colors):
+    for record, color, style in zip(records, colors, ("-", "--", ":", "-.")):
         steps, losses = zip(*record["loss_history"]) if record["loss_history"] else ((), ())
-        axes[4].plot(steps, losses, color=color, label=_label(record), alpha=0.8)
-    axes[4].set_title("training loss")
+        axes[4].plot(steps, losses, color=color, ls=style, marker="o", markersize=3, label=_label(record))
+    axes[4].set_title("training loss (the stacks compute the same model)", fontsize=9)
     axes[4].set_xlabel("step")
+    axes[4].set_ylabel("loss")
     axes[4].legend(fontsize=8)
     v = records[0]["versions"]
     unsloth = next((r["versions"].get("unsloth") for r in records if r["stack"] == "unsloth"), None)
     fig.suptitle(f"{' vs '.join(_label(r) for r in records)} - torch {v['torch']}, transformers "
                  f"{v['transformers']}, trl {v['trl']}, peft {v['peft']}, unsloth {unsloth} {note}", fontsize=9)
+    return save_figure(fig, name, out_dir)
+
+
+def plot_epoch_hours(rows: list[dict], name="04_full_depth", out_dir=None) -> Path:
+    """Hours per MedMCQA epoch on the full model, per stack and LoRA configuration (rows of
+    `unsloth_path.full_depth_comparison`: config, stack, tokens_per_second, epoch_hours)."""
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.6), squeeze=False)
+    colors = {"standard": "#4C72B0", "unsloth": "#DD8452", "fast": "#55A868"}
+    for ax, config in zip(axes[0], configs):
+        mine = [r for r in rows if r["config"] == config]
+        ax.bar([r["stack"] for r in mine], [r["epoch_hours"] for r in mine],
+               color=[colors.get(r["stack"], "grey") for r in mine])
+        for x, r in enumerate(mine):
+            ax.text(x, r["epoch_hours"], f"{r['epoch_hours']:.2f} h\n{r['tokens_per_second']:,.0f} tok/s",
+                    ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, max(r["epoch_hours"] for r in mine) * 1.35)
+        ax.set_ylabel("hours per MedMCQA epoch")
+        ax.set_title(config, fontsize=10)
+    fig.suptitle("Full 52-layer model, 8,192 tokens/step, one H200 (measured tokens/s; hours derived)", fontsize=10)
     return save_figure(fig, name, out_dir)

@@ -1,0 +1,188 @@
+"""4-bit (QLoRA) loading for notebooks 02-03 and train.py, where the bf16 model does not fit the GPU:
+`choose_precision` picks bf16 or NF4; `load_model_4bit` runs `from_pretrained` and quantizes the routed experts
+(29.4B of the 31.6B parameters) to NF4 as they arrive, so the bf16 model is never whole on the GPU (on a 24 GB card
+the other linears too, through `BitsAndBytesConfig`); `LORA_TARGETS_4BIT` and `check_lora_config` keep LoRA where
+4-bit can carry it; `merge_into_bf16` folds the adapter into the bf16 weights for deployment, `merge_report` says
+what that changes. No "prepare for k-bit training" step: TRL already enables input gradients for checkpointing,
+and PEFT's `prepare_model_for_kbit_training` would copy the 2.2B unquantized parameters to float32 (+4 GiB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import sys
+import time
+from unittest import mock
+
+import torch
+
+from .model import DEFAULT_MODEL_ID, LORA_TARGET_MODULES, load_tokenizer
+
+GIB = 2**30
+EXPERT_PARAMETERS = ("up_proj", "down_proj")  # NemotronHExperts' fused (experts, out, in) tensors
+# bf16 needs its weights (58.9 GiB), the training peak above them (8,192 tokens/step, H100: 67.5 GiB reserved, so
+# 8.6) and ~1.5 GiB of CUDA context and margin: 69 GiB; an "80 GB" card has 79.2. NF4 experts peaked at 26.9 GiB
+# (4,096 tokens/step): below 30 GiB (24 GB cards) the other linears go to NF4 too, with double quantization.
+BF16_MIN_GIB, ALL_LINEARS_BELOW_GIB = 58.9 + 8.6 + 1.5, 30.0
+WEIGHTS_GIB = {"bf16": 58.8, "NF4 routed experts": 19.5, "NF4 experts and linears": 16.5}  # from the shapes
+# Never quantized: the fused Mamba kernel reads out_proj's weight itself; conv1d, the router and the LM head are
+# small and sensitive (conv1d and the router are not nn.Linear anyway).
+KEEP_BF16 = ["out_proj", "conv1d", "gate", "lm_head"]
+# helpers.model.LORA_TARGET_MODULES as a regex that skips `experts.parametrizations.up_proj` (the NF4 container,
+# which PEFT would match by its name and refuse); on a bf16 model it selects exactly the same modules.
+LORA_TARGETS_4BIT = r"^(?!.*\.parametrizations\.).*\.(" + "|".join(LORA_TARGET_MODULES) + r")$"
+
+
+def require_bitsandbytes() -> str:
+    """The installed bitsandbytes version; one clear error if it is missing or older than 0.50."""
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version is None or tuple(int(x) for x in version.split(".")[:2]) < (0, 50):
+        raise RuntimeError(f"4-bit loading needs bitsandbytes >= 0.50 (found: {version or 'not installed'}; 0.50 "
+                           "fixed a leak of dequantized weights under gradient checkpointing). Fix: run through `./run ...`, "
+                           "which syncs requirements.lock (it pins bitsandbytes 0.50.2), and restart Python, or load in bf16.")
+    return version
+
+
+def gpu_gib() -> float | None:
+    """This GPU's memory in GiB (None without CUDA)."""
+    gpu = torch.cuda.is_available()
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB if gpu else None
+
+
+def choose_precision(load_in_4bit="auto", gpu_total_gib=None) -> tuple[str, str]:
+    """("bf16" or "nf4", why). `load_in_4bit`: "auto" (bf16 where the card holds the bf16 model and its training,
+    else NF4; full precision on a CPU), True/False or "true"/"false". `gpu_total_gib`: default this GPU's."""
+    choice = str(load_in_4bit).strip().lower()
+    if choice not in ("auto", "true", "false"):
+        raise ValueError(f"load_in_4bit={load_in_4bit!r}: use \"auto\", \"true\" or \"false\" "
+                         "(LOAD_IN_4BIT in the notebooks, --set load_in_4bit=... in train.py).")
+    total = gpu_gib() if gpu_total_gib is None else gpu_total_gib
+    card, fits = ("no GPU", True) if total is None else (f"a {total:.0f} GiB GPU", total >= BF16_MIN_GIB)
+    mode = "NF4 routed experts" if total is None or total >= ALL_LINEARS_BELOW_GIB else "NF4 experts and linears"
+    nf4 = f"{mode} (~{WEIGHTS_GIB[mode]} GiB of weights)"
+    bf16 = f"bf16 needs ~{BF16_MIN_GIB:.0f} GiB ({WEIGHTS_GIB['bf16']} of weights + training)"
+    if choice != "auto":
+        forced = "nf4" if choice == "true" else "bf16"
+        why = nf4 if forced == "nf4" else "" if fits else f"{bf16}: expect out of memory"
+        return forced, f"load_in_4bit={choice} on {card}" + (f": {why}" if why else "")
+    if fits:
+        return "bf16", "no GPU: full precision (float32) on the CPU" if total is None else f"{card} has room: {bf16}"
+    return "nf4", f"{card}: {bf16}, so {nf4}"
+
+
+def check_lora_config(config) -> None:
+    """Refuse a LoraConfig that cannot work on the 4-bit model (PEFT would fail, or silently skip the experts)."""
+    if config.target_parameters:
+        raise ValueError("LoRA on the routed experts (target_parameters) cannot reach NF4 experts: PEFT would train "
+                         "without them. Fix: ROUTED_EXPERTS / routed_experts=False in 4-bit, or train in bf16.")
+    if not isinstance(config.target_modules, str) and {"up_proj", "down_proj"} & set(config.target_modules or ()):
+        raise ValueError("target_modules up_proj/down_proj also match the NF4 experts' container "
+                         "(experts.parametrizations.up_proj), which PEFT refuses. Fix: "
+                         "target_modules=quant.LORA_TARGETS_4BIT (the same layers, as a regex).")
+
+
+@contextlib.contextmanager
+def _experts_to_nf4_on_arrival(double_quant: bool):
+    """Quantize each routed-expert stack the moment transformers sets it on its module (a torch parameter-
+    registration hook): one bf16 stack (1.2 GiB at full size) waits on the GPU at a time."""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit_prequantized
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+    from transformers import modeling_utils
+
+    arrived = []
+
+    def quantize(module, name, param):
+        if type(module).__name__ != "NemotronHExperts" or name not in EXPERT_PARAMETERS or param.is_meta:
+            return None
+        # bitsandbytes' CPU dequantize is exact only for rows of whole blocks (the tiny down_proj's are 32 long)
+        blocksize = 32 if not param.is_cuda and param.shape[-1] % 64 else None
+        data, state = bnb_functional.quantize_4bit(param.data, blocksize=blocksize, quant_type="nf4",
+                                                   compress_statistics=double_quant)
+        packed = torch.nn.Parameter(data, requires_grad=False)
+        packed._is_hf_initialized = True  # loaded: transformers must not initialise it again
+        arrived.append((module, name, state))
+        return packed
+
+    handle = register_module_parameter_registration_hook(quantize)
+    # One tensor at a time (a loading thread pool would run ahead with bf16 copies), and no allocator warm-up
+    # (transformers would reserve the bf16 size of every weight bound for the GPU: ~57 GiB here).
+    try:
+        with mock.patch.dict(os.environ, {"HF_DEACTIVATE_ASYNC_LOAD": "1"}), \
+                mock.patch.object(modeling_utils, "caching_allocator_warmup", lambda *args, **kwargs: None):
+            yield arrived
+    finally:
+        handle.remove()
+    for module, name, state in arrived:  # the dequantizing parametrization, registered as bitsandbytes does
+        replace_parameter_4bit_prequantized(module, name, state.as_dict(), state.absmax.device)
+
+
+def load_model_4bit(model_id=DEFAULT_MODEL_ID, revision=None, all_linears="auto", **from_pretrained):
+    """(model, tokenizer) like helpers.model.load_model, the routed experts in NF4 (bf16 on this GPU, float32 on a
+    CPU). `all_linears` (the 24 GB mode; "auto": below ALL_LINEARS_BELOW_GIB): attention, Mamba in_proj and shared
+    experts in NF4 too. Prints the time, GPU memory and peak CPU RAM (ru_maxrss: it counts checkpoint pages read
+    through mmap). `model_id=None` builds from `config=` and `state_dict=` (the benchmark), without a tokenizer."""
+    require_bitsandbytes()
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, NemotronHForCausalLM
+
+    tokenizer = None if model_id is None else load_tokenizer(model_id, revision)  # (builds the tiny model once)
+    gpu, start = torch.cuda.is_available(), time.perf_counter()
+    all_linears = gpu and gpu_gib() < ALL_LINEARS_BELOW_GIB if all_linears == "auto" else all_linears
+    dtype = torch.bfloat16 if gpu else torch.float32
+    from_pretrained["device_map"] = from_pretrained.get("device_map") or ({"": torch.cuda.current_device()}
+                                                                          if gpu else "cpu")
+    linears = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=KEEP_BF16) if all_linears else None
+    with _experts_to_nf4_on_arrival(double_quant=bool(all_linears)) as arrived:
+        model = (NemotronHForCausalLM if model_id is None else AutoModelForCausalLM).from_pretrained(
+            model_id and str(model_id), revision=revision, dtype=dtype, quantization_config=linears,
+            trust_remote_code=False, **from_pretrained)
+    if not arrived:
+        raise ValueError(f"{model_id} has no NemotronH routed experts: load_model_4bit is for 'nemotron_h' "
+                         f"checkpoints ({DEFAULT_MODEL_ID}, or the offline tiny model).")
+    for module in () if gpu else model.modules():      # bitsandbytes' CPU inference repacking needs
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # out_features % 32 == 0 (the tiny in_proj has 328)
+            module.support_avx512bf16_for_cpu = False
+    print(f"Loaded {model_id} in {time.perf_counter() - start:.1f} s: routed experts in NF4"
+          f"{', other linears too' if all_linears else ''}"
+          f"{f', GPU {torch.cuda.memory_allocated() / GIB:.1f} GiB allocated' if gpu else ''}, "
+          f"peak CPU RAM of this process {peak_ram_gib()} GiB")
+    return model, tokenizer
+
+
+def peak_ram_gib() -> float | None:
+    """This process's peak resident memory so far (ru_maxrss), GiB; None on Windows."""
+    with contextlib.suppress(ImportError):
+        import resource  # ru_maxrss: KiB on Linux, bytes on macOS
+
+        unit = 2**30 if sys.platform == "darwin" else 2**20
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)
+    return None
+
+
+def merge_into_bf16(model_id, adapter_dir, revision=None, device_map=None):
+    """The deployable model: the unquantized base (bf16 as saved; the tiny model float32) with the adapter merged.
+    It costs what bf16 costs: ~59 GiB of memory (the GPU if it has room, else CPU RAM) and of disk to save it. It
+    differs from the trained 4-bit model by the frozen weights' quantization error, which the adapter was trained
+    against (`merge_report` measures it: ~6% of the logits' norm on the tiny model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    room = (gpu_gib() or 0) > WEIGHTS_GIB["bf16"] + 2
+    device_map = device_map or ({"": torch.cuda.current_device()} if room else "cpu")
+    base = AutoModelForCausalLM.from_pretrained(str(model_id), revision=revision, dtype="auto", device_map=device_map)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
+
+
+@torch.no_grad()
+def merge_report(adapted, merged, input_ids) -> dict:
+    """How far `merged`'s logits are from `adapted`'s (the adapter on the 4-bit model) on the same rows."""
+    a, b = (m(input_ids=input_ids.to(m.device)).logits.float().cpu() for m in (adapted.eval(), merged.eval()))
+    return {"max_abs_diff": (a - b).abs().max().item(), "relative_diff": ((a - b).norm() / a.norm()).item(),
+            "same_top_token": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}

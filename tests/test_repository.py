@@ -1,0 +1,96 @@
+"""The repository speaks of the project only, and keeps its structure: checks over the tracked files."""
+
+import ast
+import re
+import subprocess
+
+import pytest
+
+# Words about how the project was built, which a reader cannot know: work periods, machine loans, "the
+# issue", "Stage N", the machine where runs happened. Run-to-run noise is "separate machines of the same type".
+BUILD_TALK = re.compile(r"\bsessions? ?\d|\bsession's|\b(?:this|next|earlier|previous|later|one|each|work) sessions?\b"
+                        r"|\blease[sd]?\b|device round|\bthe issue\b|\bstage \d|\brounds? \d+\b|\bround [a-z]\d"
+                        r"|\bon the device\b", re.IGNORECASE)
+
+
+def tracked(repo, *patterns):
+    out = subprocess.run(["git", "ls-files", *patterns], cwd=repo, capture_output=True, text=True, check=True)
+    return [repo / line for line in out.stdout.splitlines() if (repo / line).is_file()]
+
+
+def test_tracked_text_speaks_of_the_project_only(repo):
+    hits = []
+    for path in tracked(repo):
+        if path.suffix in (".lock", ".png", ".gz", ".json") or path.name == "test_repository.py":
+            continue
+        for n, line in enumerate(path.read_text(errors="ignore").splitlines(), 1):
+            if BUILD_TALK.search(line):
+                hits.append(f"{path.relative_to(repo)}:{n}: {line.strip()[:100]}")
+    assert hits == [], "say it in the project's terms:\n" + "\n".join(hits[:20])
+
+
+@pytest.mark.parametrize("line, bad", [("as measured in session 5", True), ("on another lease", True), ("next session's code", True),
+                                       ('@pytest.fixture(scope="session")', False),
+                                       ("the issue's estimate", True), ("Stage 2: training", True),
+                                       ("lengths rounded to 256", False), ("a separate machine of the same type",
+                                                                           False)])
+def test_build_talk_pattern(line, bad):
+    assert bool(BUILD_TALK.search(line)) is bad
+
+
+def imports_of(path, packages):
+    """The project packages a Python file imports (absolute imports, and relative ones within its package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                found |= {f"{path.parent.name}.{node.module or a.name}" if node.module else
+                          f"{path.parent.name}.{a.name}" for a in node.names}
+            elif node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in found if name.split(".")[0] in packages}
+
+
+def module_graph(repo):
+    packages = {"helpers": repo / "notebooks" / "helpers", "recipe": repo / "recipe", "fastpath": repo / "fastpath",
+                "benchmarks": repo / "benchmarks"}
+    graph = {}
+    for package, folder in packages.items():
+        for path in sorted(folder.glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            graph[name] = imports_of(path, packages)
+    return {name: {d if d in graph else d.rsplit(".", 1)[0] for d in deps} & set(graph) - {name}
+            for name, deps in graph.items()}
+
+
+def test_no_import_cycles_and_the_tutorial_never_imports_the_fast_engine(repo):
+    graph = module_graph(repo)
+    assert not [m for m, deps in graph.items() if m.startswith("helpers") and any(
+        d.startswith(("fastpath", "benchmarks")) and m != "helpers.unsloth_path" for d in deps)]
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in graph[node]:
+            if state.get(dep) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(stack + [node, dep])}")
+            if dep not in state:
+                visit(dep, stack + [node])
+        state[node] = "done"
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def test_the_tutorial_helpers_stay_small(repo):
+    """The modules notebooks 01-03 import, each saying which notebook uses it. The goal is ~1,200 lines, what a
+    learner reads in one sitting; the bound below only ratchets down as modules shrink."""
+    folder = repo / "notebooks" / "helpers"
+    lines = {p.name: len(p.read_text().splitlines()) for p in folder.glob("*.py") if p.name != "unsloth_path.py"}
+    assert sum(lines.values()) <= 1850, lines
+    for path in folder.glob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert path.name == "__init__.py" or "otebook" in doc.split("\n\n")[0], f"{path.name}: say which notebook"
