@@ -48,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from benchmarks.models import build_random_model  # noqa: E402  (seeded, built where it runs)
 from helpers import quant  # noqa: E402
 
 GIB = 2**30
@@ -101,27 +102,6 @@ def arch_config(arch: str, tokenizer):
     config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     return config
-
-
-def build_random_model(config, seed: int):
-    """Seeded random NemotronHForCausalLM built straight where it runs (bf16 on a GPU, float32 on a CPU), the
-    router's score-correction bias in float32 as from_pretrained keeps it."""
-    from transformers import NemotronHForCausalLM
-    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHTopkRouter
-
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    config.dtype, previous = dtype, torch.get_default_dtype()
-    torch.manual_seed(seed)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = NemotronHForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    for module in model.modules():
-        if isinstance(module, NemotronHTopkRouter):
-            module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
-    return model
 
 
 def rows(n: int, row_tokens: int, vocab: int, seed: int) -> dict:

@@ -112,22 +112,31 @@ def print_report(report: dict, notes: dict, settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def model_pieces(model, settings: Settings, quiet: bool = False):
-    """The model-level pieces of `settings` (experts, norms, ReLU², attention, LoRA, the Mamba kernel binding) on
-    `model` inside the block, undone on any exit; yields {piece: modules changed}. No Trainer needed: packing,
-    round_lengths, gc_freeze and the checkpointing policy are left to `collator` and `applied`."""
-    patches, notes = Patches(), {}
+def _undo_log():
+    """A fresh undo log for the block; on any exit, normal or not, every change in it is undone (and the packed
+    batch's row bounds forgotten)."""
+    patches = Patches()
     try:
-        report = _use_model_pieces(model, _fitting(set(settings.pieces) & set(MODEL_PIECES), model, settings, notes),
-                                   patches)
-        if not quiet:
-            print_report(report, notes, settings)
-        yield report
+        yield patches
     finally:
         try:
             patches.undo()
         finally:
             forget_row_bounds()
+
+
+@contextlib.contextmanager
+def model_pieces(model, settings: Settings, quiet: bool = False):
+    """The model-level pieces of `settings` (experts, norms, ReLU², attention, LoRA, the Mamba kernel binding) on
+    `model` inside the block, undone on any exit; yields {piece: modules changed}. No Trainer needed: packing,
+    round_lengths, gc_freeze and the checkpointing policy are left to `collator` and `applied`."""
+    notes = {}
+    with _undo_log() as patches:
+        report = _use_model_pieces(model, _fitting(set(settings.pieces) & set(MODEL_PIECES), model, settings, notes),
+                                   patches)
+        if not quiet:
+            print_report(report, notes, settings)
+        yield report
 
 
 def _collator_pieces(trainer, settings: Settings) -> dict[str, int]:
@@ -175,8 +184,8 @@ def applied(trainer, settings: Settings, quiet: bool = False):
     change nothing is refused; from the default set it is left out, and the printed report says why.
     On any exit, normal or not, everything is undone (see the module docstring).
     """
-    model, patches, notes = trainer.model, Patches(), {}
-    try:
+    model, notes = trainer.model, {}
+    with _undo_log() as patches:
         report = _collator_pieces(trainer, settings)
         fitting = _fitting(settings.pieces - {"packing", "round_lengths"}, model, settings, notes)
         report |= _use_model_pieces(model, [p for p in fitting if p in MODEL_PIECES], patches)
@@ -189,8 +198,3 @@ def applied(trainer, settings: Settings, quiet: bool = False):
         if not quiet:
             print_report(report, notes, settings)
         yield report
-    finally:
-        try:
-            patches.undo()
-        finally:
-            forget_row_bounds()

@@ -16,12 +16,12 @@ from recipe import cli
 from recipe.offline import build_tiny_model
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-nemotron")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sample_data(tiny_model_dir, tmp_path_factory):
     tok = model.load_tokenizer(tiny_model_dir)
     out = tmp_path_factory.mktemp("fmt") / "sample"
