@@ -13,6 +13,7 @@ exit code 2) and recipe/report.py prepares the data and prints the closing repor
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from pathlib import Path
@@ -101,8 +102,9 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         fastpath.check_versions(allow_other_versions=args.any_version)
         fastpath.prepare_process(fast)
         cfg = fastpath.fold_accumulation(cfg)
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     from helpers import evaluation, model, quant, training
@@ -146,10 +148,10 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         train_dataset=training.training_rows(dataset, cfg.train_limit), processing_class=tokenizer,
         data_collator=fastpath.collator(peft_model, tokenizer, fast) if fast else None,
         callbacks=[timer])
-    resume = training.last_checkpoint(cfg)
+    resume = get_last_checkpoint(str(cfg.checkpoint_dir)) if cfg.checkpoint_dir.is_dir() else None
     if main_process:
         training.print_plan(training.batch_plan(trainer), resume)
-    patches = fastpath.applied(trainer, fast) if fast else training.nothing_applied()
+    patches = fastpath.applied(trainer, fast) if fast else contextlib.nullcontext({})
     with patches as applied, training.cpu_loss_fallback():  # every patch is undone on any exit
         trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(cfg.checkpoint_dir))  # the adapter + tokenizer (every process calls it; one writes)
@@ -167,7 +169,7 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
 
     # The saved adapter, reloaded onto a fresh base of the precision it trained in, must give the same answers ...
     fresh, tokenizer = load(cfg.model_id, revision=cfg.revision)
-    reloaded = model.load_adapter(fresh, cfg.checkpoint_dir)
+    reloaded = PeftModel.from_pretrained(fresh, str(cfg.checkpoint_dir))
     evals["reloaded"] = score(reloaded, tokenizer, "reloaded")
     # ... and so must the merged model (LoRA folded into the base weights: no adapter at inference). A 4-bit run
     # merges into the bf16 weights, as QLoRA adapters are deployed: it differs by the 4-bit rounding of the base.
@@ -176,7 +178,7 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         model.free_memory()
         merged = quant.merge_into_bf16(cfg.model_id, cfg.checkpoint_dir, revision=cfg.revision)
     else:
-        merged = model.merge_adapter(reloaded)
+        merged = reloaded.merge_and_unload(safe_merge=True)
     evals["merged"] = score(merged, tokenizer, "merged")
     if args.save_merged:
         model.save_merged(merged, tokenizer, Path(cfg.output_root) / "merged" / cfg.run_name)

@@ -153,7 +153,7 @@ def scratch_trainer(model, tokenizer, dataset, cfg, fast=None):
     trainer = timing.sft_trainer(model, tokenizer, dataset, cfg, fast)
     try:
         if fast is None:
-            with training.nothing_applied(), training.cpu_loss_fallback():
+            with training.cpu_loss_fallback():
                 yield trainer
         else:
             import fastpath

@@ -277,7 +277,7 @@ def run_budget(model, tokenizer, dist: dict, budget: int, *, cfg, steps: int, wa
         trainer = sft_trainer(model, tokenizer, Dataset.from_dict(rows), run, fast, callbacks)
         shapes = ShapeLog(trainer)
         result["trainer_init_seconds"] = round(time.perf_counter() - start, 2)
-        patches = training.nothing_applied()
+        patches = contextlib.nullcontext({})  # the standard stack: nothing patched
         if fast is not None:
             import fastpath
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 import tempfile
@@ -168,7 +169,7 @@ def one_step(peft_model, tokenizer, rows: dict, cfg, tracer: OpTracer, fast=None
     examples = [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]
     batch = fastpath.batch_to(trainer.data_collator(examples), device)
     peft_model.train()
-    pieces = training.nothing_applied() if fast is None else fastpath.model_pieces(peft_model, fast, quiet=True)
+    pieces = contextlib.nullcontext({}) if fast is None else fastpath.model_pieces(peft_model, fast, quiet=True)
     try:
         with pieces, training.cpu_loss_fallback():
             if fast is not None and fast.checkpointing != "all":  # the policy fastpath applies when training starts

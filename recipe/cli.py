@@ -21,8 +21,9 @@ import types
 import typing
 from pathlib import Path
 
-from helpers.config import DEFAULT_MODEL_ID, PRESETS, TINY_MODEL, TrainConfig, config_of_run, field_names
+from helpers.config import DEFAULT_MODEL_ID, TINY_MODEL, TrainConfig
 from helpers.notebook import resolve_path
+from recipe.presets import PRESETS, config_of_run, field_names
 
 PROG = "train.py"
 DEFAULT_PRESET = "full"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers.config import DEFAULT_MODEL_ID, PRESETS, TrainConfig
+from helpers.config import DEFAULT_MODEL_ID, TrainConfig
 from helpers.notebook import resolve_path
+from recipe.presets import PRESETS
 
 LABELS = {"base": "base", "adapter": "adapter", "reloaded": "reloaded adapter", "merged": "merged model"}
 
@@ -103,9 +104,9 @@ def meaning(cfg: TrainConfig, evals: dict) -> str:
 
 def how_to_score(cfg: TrainConfig) -> list[str]:
     """Python lines that score this run's saved adapter (after FSDP, which skips scoring)."""
-    return ["from helpers import data, evaluation, model",
+    return ["from peft import PeftModel", "from helpers import data, evaluation, model",
             f"base, tokenizer = model.load_model({cfg.model_id!r})",
-            f"adapter = model.load_adapter(base, {str(cfg.checkpoint_dir)!r})",
+            f"adapter = PeftModel.from_pretrained(base, {str(cfg.checkpoint_dir)!r})",
             f"evaluation.evaluate(adapter, tokenizer, data.load_formatted({cfg.data_dir!r})[0]['validation'], "
             f"{cfg.run_name + '-adapter'!r}, out_dir={str(eval_dir(cfg))!r})"]
 

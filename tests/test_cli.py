@@ -8,7 +8,8 @@ import sys
 import time
 import pytest
 
-from helpers.config import PRESETS, TINY_MODEL, TrainConfig, field_names
+from helpers.config import TINY_MODEL, TrainConfig
+from recipe.presets import PRESETS, field_names
 from recipe import cli
 
 HEAVY = ("torch", "transformers", "datasets", "trl", "peft")

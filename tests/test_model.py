@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from peft import PeftModel
 
 import train
 from helpers import model as mh
@@ -153,7 +154,7 @@ def test_lora_wraps_the_intended_modules(tiny, routed_experts):
 
     model, _ = tiny
     peft_model = add_lora(model, routed_experts=routed_experts)
-    names = mh.lora_module_names(peft_model)
+    names = peft_model.targeted_module_names + peft_model.targeted_parameter_names  # as notebook 02 lists them
     print(names)
     suffixes = {name.split(".mixer.")[1] for name in names}
     attention_and_mamba = {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj"}
@@ -175,7 +176,7 @@ def test_every_lora_parameter_gets_a_gradient(tiny, routed_experts):
     inputs = batch(tokenizer)
     peft_model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
     params = lora_parameters(peft_model)
-    assert len(params) == 2 * len(mh.lora_module_names(peft_model))
+    assert len(params) == 2 * len(peft_model.targeted_module_names + peft_model.targeted_parameter_names)
     no_grad = [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
 
@@ -208,21 +209,21 @@ def test_merge_and_adapter_round_trip_keep_the_logits(tiny_dir, tmp_path):
         peft_model.save_pretrained(tmp_path / "adapter")
         base, _ = mh.load_model(tiny_dir)
         assert not torch.allclose(base(**inputs).logits, adapted, atol=1e-3)  # the adapter matters
-        reloaded = mh.load_adapter(base, tmp_path / "adapter")
+        reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))  # as notebook 03 reloads it
         torch.testing.assert_close(reloaded(**inputs).logits, adapted, atol=1e-5, rtol=1e-5)
-        merged = mh.merge_adapter(peft_model)
+        merged = peft_model.merge_and_unload(safe_merge=True)
         assert not any("lora" in name for name, _ in merged.named_parameters())
         torch.testing.assert_close(merged(**inputs).logits, adapted, atol=1e-4, rtol=1e-4)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        mh.load_adapter(base, tmp_path)
 
 
-def test_merge_disk_check(tiny, tmp_path, monkeypatch):
-    model, _ = tiny
-    assert mh.merge_disk_check(tmp_path / "merged", model)["need_gib"] > 0
+def test_save_merged_checks_the_disk_first(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    saved = mh.save_merged(model, tokenizer, tmp_path / "merged")
+    assert (saved / "config.json").is_file() and (saved / "tokenizer_config.json").is_file()
     monkeypatch.setattr(mh.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     with pytest.raises(RuntimeError, match="Not enough disk"):
-        mh.merge_disk_check(tmp_path / "merged", model)
+        mh.save_merged(model, tokenizer, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 # --- pre-flight -------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_notebooks_run_in_order_offline(repo, offline, monkeypatch):
                   DATA_DIR=offline["DATA_DIR"], MAX_LENGTH=512)
     out1 = text_of(nb1)
     assert "cop is 0-based" in out1 and "validation" in out1
-    assert sum("image/png" in o.get("data", {}) for c in nb1["cells"] for o in c.get("outputs", [])) >= 4
+    assert sum("image/png" in o.get("data", {}) for c in nb1["cells"] for o in c.get("outputs", [])) >= 3
     assert (root / "formatted" / "manifest.json").exists()
 
     nb2 = execute(repo, NOTEBOOKS[1], root, MODEL_ID=offline["MODEL_ID"])
@@ -122,7 +122,7 @@ def test_notebooks_run_in_order_offline(repo, offline, monkeypatch):
                   LOGGING_STEPS=1, EVAL_BATCH_SIZE=8, OUTPUT_ROOT=str(root / "outputs"))
     out3 = text_of(nb3)
     assert "first trained token" in out3 and "same answers as before saving: True" in out3
-    assert "always the commonest letter" in out3 and "text is noise" in out3
+    assert "always answering A scores" in out3 and "text is noise" in out3
     record = json.loads((root / "outputs" / "runs" / "nb03" / "metrics.json").read_text())
     assert record["steps"] == 8 and record["stack"] == "standard" and len(record["loss_history"]) >= 8
 

@@ -248,12 +248,13 @@ def test_adapter_merges_into_the_full_precision_base(trained, full):
     with torch.no_grad():
         assert (merged(input_ids=ids).logits - on_full(input_ids=ids).logits).abs().max() < 1e-5  # merging is exact
     on_full.unload()
-    report = quant.merge_report(trained["model"], merged, ids)
-    with torch.no_grad(), trained["model"].disable_adapter():
-        base_error = relative(trained["model"](input_ids=ids).logits, full(input_ids=ids).logits)
+    with torch.no_grad():  # the merged model against the adapter on the 4-bit model it trained on
+        adapted, deployed = (m.eval()(input_ids=ids).logits for m in (trained["model"], merged))
+        with trained["model"].disable_adapter():
+            base_error = relative(trained["model"](input_ids=ids).logits, full(input_ids=ids).logits)
     # what is left is the routed experts' quantization error, which the adapter was trained against
-    assert 0.3 * base_error < report["relative_diff"] < 0.1
-    assert report["same_top_token"] > 0.8
+    assert 0.3 * base_error < relative(deployed, adapted) < 0.1
+    assert (adapted.argmax(-1) == deployed.argmax(-1)).float().mean() > 0.8
 
 
 def test_24gb_mode_quantizes_the_other_linears_and_trains(tmp_path):

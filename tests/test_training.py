@@ -9,11 +9,17 @@ import warnings
 from pathlib import Path
 
 import pytest
+from transformers.trainer_utils import get_last_checkpoint
 
 from helpers import data, evaluation, model, training
-from helpers.config import PRESETS, TrainConfig
+from helpers.config import TrainConfig
 from recipe import cli
+from recipe.presets import PRESETS
 from recipe.offline import build_tiny_model
+
+
+def read_record(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,7 @@ def test_run_record_has_speed_memory_versions_and_loss(tiny_model_dir, sample_da
     trainer.save_model(str(cfg.checkpoint_dir))
     record = training.run_record(trainer, cfg, timer)
     training.save_run_record(record, cfg.run_dir)
-    saved = training.load_run_record(cfg.run_dir)
+    saved = read_record(cfg.run_dir)
     assert saved == json.loads(json.dumps(record))
     assert record["steps"] == record["steps_this_run"] == 3 and record["samples"] == 12
     assert record["tokens"] > 12 * 50 and record["tokens"] == sum(s["tokens"] for s in record["step_times"])
@@ -113,10 +119,21 @@ def test_sharded_report_says_how_to_score_and_that_works(tiny_model_dir, sample_
     assert scored["n"] == len(dataset["validation"])
 
 
+def test_cpu_loss_fallback_puts_trls_kernel_back_on_any_exit():
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._ChunkedLogProbFunction
+    with pytest.raises(KeyboardInterrupt), training.cpu_loss_fallback() as active:  # a learner stopping the cell
+        assert active and trl_utils._ChunkedLogProbFunction is training._TorchLogProb
+        raise KeyboardInterrupt
+    assert trl_utils._ChunkedLogProbFunction is original
+
+
 CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path[:0] = [{tests!r}, {repo!r}, {notebooks!r}]
     from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
     from helpers import data, training
     from helpers.config import TrainConfig
     from test_training import sft_trainer
@@ -128,7 +145,7 @@ CHILD = textwrap.dedent("""
 
     cfg = TrainConfig(**{cfg!r})
     trainer, timer, _ = sft_trainer(cfg, data.load_formatted(cfg.data_dir)[0], callbacks=[KillAfterSave()])
-    resume = training.last_checkpoint(cfg)             # as train.py resumes
+    resume = get_last_checkpoint(str(cfg.checkpoint_dir)) if cfg.checkpoint_dir.is_dir() else None  # as train.py
     print("resuming from", resume)
     with training.cpu_loss_fallback():
         trainer.train(resume_from_checkpoint=resume)
@@ -149,14 +166,14 @@ def test_killed_run_resumes_to_the_same_end_and_loss(repo, tiny_model_dir, sampl
     killed = run_child(repo, interrupted, kill_at=4)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (interrupted.run_dir / "metrics.json").exists()
-    assert training.last_checkpoint(interrupted).endswith("checkpoint-4")
+    assert get_last_checkpoint(str(interrupted.checkpoint_dir)).endswith("checkpoint-4")
     resumed = run_child(repo, interrupted)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from " + str(interrupted.checkpoint_dir / "checkpoint-4") in resumed.stdout
 
     straight = tiny_cfg(tiny_model_dir, data_dir, tmp_path / "b", **common)
     assert run_child(repo, straight).returncode == 0
-    a, b = training.load_run_record(interrupted.run_dir), training.load_run_record(straight.run_dir)
+    a, b = read_record(interrupted.run_dir), read_record(straight.run_dir)
     assert a["steps"] == b["steps"] == 8 and a["resumed_from"].endswith("checkpoint-4")
     assert a["tokens"] == b["tokens"]
     tokens_b = {s["step"]: s["tokens"] for s in b["step_times"]}
@@ -193,7 +210,7 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path, capsys):
     assert summary["reloaded_matches"] and summary["merged_matches"]
     assert summary["reloaded_accuracy"] == summary["adapter_accuracy"]
     assert summary["accuracy"]["adapter"]["n"] == 16 and summary["tokens_per_second"] > 0
-    record = training.load_run_record(tmp_path / "runs" / "smoke")
+    record = read_record(tmp_path / "runs" / "smoke")
     assert record["steps"] == summary["steps"] == PRESETS["smoke"][1]["max_steps"] and record["tokens"] > 0
     assert json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text()) == json.loads(json.dumps(summary))
     names = summary["files"]
@@ -228,7 +245,7 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path, capsys):
     # --like: the same run again from its record (config and prepared data), here shortened to 2 steps
     like = train.main(["--like", str(tmp_path / "runs" / "smoke"), "--skip-base-eval", "--set", "max_steps=2"])
     assert like["run"] == "smoke-again" and like["data_rows"] == summary["data_rows"] and like["preset"] is None
-    rerun = training.load_run_record(tmp_path / "runs" / "smoke-again")
+    rerun = read_record(tmp_path / "runs" / "smoke-again")
     assert rerun["steps"] == 2
     assert {k: v for k, v in rerun["config"].items() if k not in ("run_name", "max_steps")} == \
         {k: v for k, v in record["config"].items() if k not in ("run_name", "max_steps")}
@@ -262,7 +279,7 @@ def test_learning_is_visible_on_the_synthetic_task(tmp_path, capsys):
     assert summary["adapter_accuracy"] > 0.6, summary     # the trained adapter knows the rule
     assert summary["reloaded_matches"] and summary["merged_matches"]
     assert summary["reloaded_accuracy"] == summary["merged_accuracy"] == summary["adapter_accuracy"]
-    record = training.load_run_record(tmp_path / "runs" / "learn")
+    record = read_record(tmp_path / "runs" / "learn")
     assert record["steps"] == PRESETS["learn"][1]["max_steps"]
     assert (tmp_path / "data" / "synthetic-medmcqa" / "train.jsonl").is_file()  # generated data under output_root
     text = "\n".join(report_of(capsys.readouterr().out))

@@ -1,7 +1,5 @@
-"""The run's settings in one dataclass (notebook 03, notebook 04 and train.py), importable without torch.
-
-`TrainConfig` holds every knob of a LoRA run; `PRESETS` are train.py's named starting points. This module
-imports nothing heavy, so `train.py --help` and every usage error answer at once.
+"""The run's settings in one dataclass, `TrainConfig` (notebook 03, notebook 04 and train.py); it imports nothing
+heavy, so `train.py --help` and every usage error answer at once (train.py's presets are in recipe/presets.py).
 """
 
 from __future__ import annotations
@@ -61,53 +59,7 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (unknown names are an error, not ignored)."""
-        unknown = set(changes) - set(field_names())
-        if unknown:
-            raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(field_names())}")
+        known = [f.name for f in dataclasses.fields(self)]
+        if set(changes) - set(known):
+            raise ValueError(f"unknown setting(s) {sorted(set(changes) - set(known))}; known: {', '.join(known)}")
         return dataclasses.replace(self, **changes)
-
-
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-# train.py --preset NAME; anything can still be overridden with --set key=value.
-PRESETS = {
-    "full": ("the real model on full MedMCQA, one epoch (a CUDA GPU: bf16 on 80 GB, 4-bit below)", {}),
-    "smoke": ("offline plumbing check on CPU (~25 s): the tiny RANDOM model on the shipped sample; "
-              "its accuracy is noise", dict(
-                  run_name="smoke", model_id=TINY_MODEL, data_source="data/sample",
-                  data_dir=str(OUTPUTS / "data" / "smoke_formatted"), max_length=512, max_steps=12,
-                  per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
-                  logging_steps=2, save_steps=6, eval_batch_size=8)),
-    # Why 200 steps: the random tiny model's frozen output layer can raise a letter's logit by only ~1.3 nats,
-    # so the loss falls just from 7.6 to ~6.5 even at 100% accuracy; the weak signal first teaches the letter
-    # marginal (~60 steps), the rule itself appears after ~80-120 steps, all at once. 5e-3 with cosine decay
-    # learns it for every seed tried; 2e-2 stalls on the marginal.
-    "learn": ("offline, CPU (~1 min): the tiny model learns a synthetic rule (a code word decides the letter), "
-              "accuracy ~25% -> ~100%", dict(
-                  run_name="learn", model_id=TINY_MODEL, data_source="synthetic",
-                  data_dir=str(OUTPUTS / "data" / "synthetic_formatted"), max_length=128,
-                  with_explanation=False, max_steps=200, per_device_train_batch_size=16,
-                  gradient_accumulation_steps=1, learning_rate=5e-3, warmup_ratio=0.05,
-                  logging_steps=10, save_steps=100, eval_batch_size=32)),
-}
-
-
-def preset(name: str, **overrides) -> TrainConfig:
-    """The TrainConfig of a named preset, with optional field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return TrainConfig(**PRESETS[name][1]).replace(**overrides)
-
-
-def config_of_run(record: dict, **overrides) -> TrainConfig:
-    """The TrainConfig an earlier run record was trained with (to rerun or compare it), with field overrides.
-
-    Fields this version does not know (a record written by another version) are named and left out.
-    """
-    known = set(field_names())
-    unknown = sorted(set(record["config"]) - known)
-    if unknown:
-        print(f"Run {record.get('run_name')}: settings this version does not know, not used: {unknown}")
-    return TrainConfig(**{k: v for k, v in record["config"].items() if k in known}).replace(**overrides)

@@ -1,13 +1,9 @@
-"""Load, check, clean and format MedMCQA: the steps of notebook 01, which train.py prepares its data with too.
-
-Rows stay plain dicts in the Hub's schema (`cop` = index of the correct option, 0-based), so a learner can print
-any step; only `prepare_medmcqa` turns them into a `datasets.DatasetDict`. The model sees the raw text: every
-prompt, for training as for scoring, is lm-evaluation-harness's `medmcqa` prompt built from the unchanged strings,
-"Question: " + question + "\\nChoices:\\nA. " + opa + "\\nB. " + ... + "\\nD. " + opd + "\\nAnswer:". Scoring thus
-uses the prompts that published MedMCQA numbers use (collapsing the tabs, line breaks, double and non-breaking
-spaces of the real data would change about 4% of its validation prompts), and training shows the model the same
-prompts it is scored on. The completion, " A. <option text>" (+ "\\nExplanation: ...") + EOS, starts with the letter
-that scoring reads after "Answer:". Whitespace is normalised only to compare questions (the leakage check).
+"""Load, check, clean and format MedMCQA: the steps of notebook 01 (train.py prepares its data with them too).
+Rows stay plain dicts in the Hub's schema (`cop` = index of the correct option, 0-based) until `prepare_medmcqa`
+saves a `datasets.DatasetDict`. Every prompt, for training as for scoring, is lm-evaluation-harness's `medmcqa`
+prompt built from the unchanged strings ("Question: ...\\nChoices:\\nA. ...\\nD. ...\\nAnswer:"), so the scores
+compare with published ones (collapsing the real data's tabs and odd spaces would change ~4% of its validation
+prompts). The completion " A. <option>" (+ "\\nExplanation: ...") + EOS starts with the letter scoring reads.
 """
 
 from __future__ import annotations
@@ -23,12 +19,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HUB_ID = "openlifescienceai/medmcqa"
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
 FORMATTED_DIR = REPO_ROOT / "outputs" / "data" / "medmcqa_formatted"
-SPLITS = ("train", "validation", "test")
 FIELDS = ("id", "question", "opa", "opb", "opc", "opd", "cop", "choice_type", "exp", "subject_name", "topic_name")
 OPTION_KEYS = ("opa", "opb", "opc", "opd")
 LETTERS = ("A", "B", "C", "D")
-# File names of the original release (train.json / dev.json / test.json).
-SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}
+# Split file names; "dev" is the original release's name for validation.
+SPLIT_FILES = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}
 SET_COP_BASE = ("Say which: COP_BASE=0 or COP_BASE=1 in notebook 01's parameters cell (or the environment), "
                 "`--set cop_base=1` for train.py, or prepare_medmcqa(..., cop_base=1).")
 
@@ -40,8 +35,6 @@ class DataError(ValueError):
 class UnlabelledSplitError(DataError):
     """A split whose answers are hidden (cop = -1, MedMCQA's test split) used for training or scoring."""
 
-
-# ---------------------------------------------------------------- loading
 
 def _json(path: Path, text: str, line: int):
     try:
@@ -71,38 +64,34 @@ def _read_file(path: Path) -> list[dict]:
     return [row for _, row in numbered]
 
 
-def _find_split_file(folder: Path, split: str) -> Path | None:
-    """`<split>.jsonl|json|parquet` in `folder` (validation may be the original release's dev.json), or None."""
-    paths = [folder / f"{name}{ext}" for name in SPLIT_ALIASES[split] for ext in (".jsonl", ".json", ".parquet")]
-    return next((p for p in paths if p.exists()), None)
-
-
-def load_raw(source: str | Path = "hub", splits=SPLITS, revision: str | None = None) -> tuple[dict, str]:
+def load_raw(source: str | Path = "hub", splits=tuple(SPLIT_FILES), revision: str | None = None) -> tuple[dict, str]:
     """Raw rows per split, and the source's kind: "hub", "files" (a folder of .jsonl/.json/.parquet files, one
     per split, validation possibly the original release's dev.json) or "arrow" (a `save_to_disk` folder)."""
+    folder = Path(source)
     if str(source) == "hub":
         import datasets
         try:
-            ds = datasets.load_dataset(HUB_ID, revision=revision)
+            ds, kind = datasets.load_dataset(HUB_ID, revision=revision), "hub"
         except Exception as e:  # offline, a firewall, an unknown revision...: one message, with its cause
             raise DataError(f"Could not load {HUB_ID} from the Hugging Face Hub ({type(e).__name__}: "
                             f"{str(e)[:200]}). Without the Hub, use the shipped sample: DATA_SOURCE=data/sample "
                             "(notebook parameter or environment variable; `--set data_source=data/sample` for "
                             "train.py), or a folder of MedMCQA files.") from None
-        return {s: ds[s].to_list() for s in splits if s in ds}, "hub"
-    folder = Path(source)
-    if not folder.is_dir():
+    elif (folder / "dataset_dict.json").exists():
+        import datasets
+        ds, kind = datasets.load_from_disk(str(folder)), "arrow"
+    elif not folder.is_dir():
         raise DataError(f"MedMCQA source {folder} is not a folder. Use 'hub', or a folder holding "
                         "train/validation/test files (.jsonl, .json or .parquet).")
-    if (folder / "dataset_dict.json").exists():
-        import datasets
-        ds = datasets.load_from_disk(str(folder))
-        return {s: ds[s].to_list() for s in splits if s in ds}, "arrow"
-    raw = {s: _read_file(p) for s in splits if (p := _find_split_file(folder, s))}
-    if not raw:
-        raise DataError(f"No MedMCQA split files in {folder}: expected train.jsonl, validation.jsonl "
-                        "(or dev.json) and test.jsonl, or a dataset saved with save_to_disk.")
-    return raw, "files"
+    else:
+        found = {s: [folder / f"{n}{x}" for n in SPLIT_FILES[s] for x in (".jsonl", ".json", ".parquet")]
+                 for s in splits}
+        raw = {s: _read_file(p) for s, paths in found.items() if (p := next((p for p in paths if p.exists()), None))}
+        if not raw:
+            raise DataError(f"No MedMCQA split files in {folder}: expected train.jsonl, validation.jsonl "
+                            "(or dev.json) and test.jsonl, or a dataset saved with save_to_disk.")
+        return raw, "files"
+    return {s: ds[s].to_list() for s in splits if s in ds}, kind
 
 
 def _cop(value) -> int | None:
@@ -149,8 +138,6 @@ def detect_cop_base(raw: dict, kind: str, cop_base: int | None = None) -> int:
                     "or 4. " + SET_COP_BASE)
 
 
-# ---------------------------------------------------------------- cleaning
-
 @dataclass
 class SplitReport:
     """What validation did to one split: rows in, rows kept, drops per reason."""
@@ -165,6 +152,12 @@ class SplitReport:
         tag = "" if self.labelled else " (unlabelled: answers hidden)"
         return f"{self.split:<10} {self.rows_in:>7} rows -> {self.kept:>7} kept{tag}; dropped: {drops}"
 
+    def require_rows(self) -> None:
+        """A split that had rows but lost them all is an error that says why, not an empty dataset."""
+        if self.rows_in and not self.kept:
+            why = "; ".join(f"{n} {reason}: {FIXES[reason]}" for reason, n in self.dropped.most_common() if n)
+            raise DataError(f"The {self.split} split has no rows left: all {self.rows_in} were dropped. {why}.")
+
 
 FIXES = {  # why rows were dropped -> what to do when that empties a split
     "missing_field": "every row needs id, question, opa, opb, opc and opd", "duplicate_id": "ids must be unique",
@@ -178,15 +171,8 @@ FIXES = {  # why rows were dropped -> what to do when that empties a split
 }
 
 
-def _require_rows(report: SplitReport) -> None:
-    """A split that had rows but lost them all is an error that says why, not an empty dataset."""
-    if report.rows_in and not report.kept:
-        why = "; ".join(f"{n} {reason}: {FIXES[reason]}" for reason, n in report.dropped.most_common() if n)
-        raise DataError(f"The {report.split} split has no rows left: all {report.rows_in} were dropped. {why}.")
-
-
 def _problem(row: dict, labelled: bool, cop_base: int, seen: set) -> str | None:
-    """Return the reason a row is unusable, or None if it is fine."""
+    """The reason a row is unusable (a key of FIXES), or None if it is fine."""
     if any(row.get(f) is None for f in ("id", "question", *OPTION_KEYS)):
         return "missing_field"
     if not isinstance(row["question"], str) or not row["question"].strip():
@@ -207,8 +193,7 @@ def clean_split(rows: list[dict], split: str, cop_base: int) -> tuple[list[dict]
     report = SplitReport(split, rows_in=len(rows), labelled=_labelled(split, rows))
     seen, kept = set(), []
     for row in rows:
-        reason = _problem(row, report.labelled, cop_base, seen)
-        if reason:
+        if reason := _problem(row, report.labelled, cop_base, seen):
             report.dropped[reason] += 1
             continue
         seen.add(str(row["id"]))
@@ -219,39 +204,28 @@ def clean_split(rows: list[dict], split: str, cop_base: int) -> tuple[list[dict]
                      "exp": exp if isinstance(exp, str) and exp.strip() else None,  # blank means none
                      "subject_name": row.get("subject_name") or "Unknown", "topic_name": row.get("topic_name") or None})
     report.kept = len(kept)
-    _require_rows(report)
+    report.require_rows()
     return kept, report
-
-
-def _question_key(text: str) -> str:
-    """A question for comparison only: lower case, letters and digits, single spaces."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
 def remove_leakage(train: list[dict], validation: list[dict]) -> tuple[list[dict], list[tuple[dict, dict]]]:
     """Drop training rows whose question validation also asks (ignoring case, punctuation and spacing).
     Returns (kept train rows, [(dropped train row, its validation twin), ...])."""
-    by_key = {_question_key(r["question"]): r for r in validation}
-    kept, leaks = [], []
-    for row in train:
-        twin = by_key.get(_question_key(row["question"]))
-        if twin:
-            leaks.append((row, twin))
-        else:
-            kept.append(row)
-    return kept, leaks
+    def key(text: str) -> str:
+        return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+    by_key = {key(r["question"]): r for r in validation}
+    leaks = [(row, by_key[key(row["question"])]) for row in train if key(row["question"]) in by_key]
+    return [row for row in train if key(row["question"]) not in by_key], leaks
 
 
 def require_labelled(split: str, rows=None) -> None:
     """Refuse to train on or score the test split: its answers are hidden (cop = -1)."""
-    unlabelled = split == "test" if rows is None else any(r.get("cop", -1) == -1 for r in rows)
-    if unlabelled:
+    if split == "test" if rows is None else any(r.get("cop", -1) == -1 for r in rows):
         raise UnlabelledSplitError(
             f"The MedMCQA {split} split has no answers (cop = -1), so it cannot be trained on or scored. "
             "Use the 'validation' split to measure accuracy.")
 
-
-# ---------------------------------------------------------------- formatting
 
 def format_prompt(row: dict) -> str:
     """lm-evaluation-harness's `medmcqa` prompt, built from the raw strings (module docstring: why)."""
@@ -290,27 +264,6 @@ def letter_baselines(splits: dict) -> str:
     return text + "; chance is 25%. A trained model must beat this."
 
 
-# ---------------------------------------------------------------- lengths
-
-def token_lengths(examples: list[dict], tokenizer) -> list[tuple[int, int]]:
-    """(prompt tokens, prompt+completion tokens) for each example, tokenized exactly as TRL does."""
-    if not examples:
-        return []
-    prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
-    full = tokenizer([e["prompt"] + e["completion"] for e in examples])["input_ids"]
-    return [(len(p), len(f)) for p, f in zip(prompts, full)]
-
-
-def truncation_report(lengths: list[tuple[int, int]], max_length: int) -> dict:
-    """How many examples `max_length` would truncate, and how many would lose the answer letter."""
-    cut = sum(full > max_length for _, full in lengths)
-    lose_answer = sum(prompt + 1 > max_length for prompt, _ in lengths)
-    return {"max_length": max_length, "rows": len(lengths), "truncated": cut,
-            "answer_cut": lose_answer, "truncated_share": cut / max(len(lengths), 1)}
-
-
-# ---------------------------------------------------------------- all steps
-
 def prepare_medmcqa(source="hub", out_dir: str | Path = FORMATTED_DIR, tokenizer=None,
                     max_length: int = 1024, with_explanation: bool = True, cop_base: int | None = None,
                     revision: str | None = None, seed: int = 42, overwrite: bool = False):
@@ -342,21 +295,25 @@ def prepare_medmcqa(source="hub", out_dir: str | Path = FORMATTED_DIR, tokenizer
         reports["train"].dropped["leaked_into_validation"] += len(leaks)
         reports["train"].kept = len(clean["train"])
         print(f"Leakage: {len(leaks)} training questions also in validation -> dropped from train")
-        _require_rows(reports["train"])
+        reports["train"].require_rows()
 
     eos = getattr(tokenizer, "eos_token", "") or ""
     formatted, truncation = {}, {}
     for split, rows in clean.items():
         examples = [format_example(r, with_explanation, eos) for r in rows]
-        lengths = token_lengths(examples, tokenizer) if tokenizer is not None else []
-        for e, (prompt_tokens, total_tokens) in zip(examples, lengths):  # every split; labelled ones are checked
-            e["prompt_tokens"], e["total_tokens"] = prompt_tokens, total_tokens
-        if lengths and reports[split].labelled:
-            truncation[split] = truncation_report(lengths, max_length)
-            examples = [e for e in examples if e["prompt_tokens"] + 1 <= max_length]
-            reports[split].dropped["answer_cut_by_max_length"] += truncation[split]["answer_cut"]
-            reports[split].kept = len(examples)
-            _require_rows(reports[split])
+        if tokenizer is not None and examples:  # lengths as TRL tokenizes: the prompt, and prompt + completion
+            prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
+            full = tokenizer([e["prompt"] + e["completion"] for e in examples])["input_ids"]
+            for e, p, f in zip(examples, prompts, full):
+                e["prompt_tokens"], e["total_tokens"] = len(p), len(f)
+        if tokenizer is not None and examples and reports[split].labelled:  # rows that would lose the answer go
+            cut = sum(e["total_tokens"] > max_length for e in examples)
+            kept = [e for e in examples if e["prompt_tokens"] + 1 <= max_length]
+            truncation[split] = {"max_length": max_length, "rows": len(examples), "truncated": cut,
+                                 "answer_cut": len(examples) - len(kept), "truncated_share": cut / len(examples)}
+            reports[split].dropped["answer_cut_by_max_length"] += len(examples) - len(kept)
+            reports[split].kept, examples = len(kept), kept
+            reports[split].require_rows()
         formatted[split] = examples
 
     manifest = {"options": options, "hub_id": HUB_ID, "source_kind": kind, "cop_base_detected": base,
@@ -365,15 +322,15 @@ def prepare_medmcqa(source="hub", out_dir: str | Path = FORMATTED_DIR, tokenizer
                 "dropped": {s: dict(r.dropped) for s, r in reports.items()},
                 "labelled": {s: r.labelled for s, r in reports.items()}, "truncation": truncation,
                 "leaks": [{"train": t["id"], "validation": v["id"]} for t, v in leaks]}
-    dsd = datasets.DatasetDict({s: datasets.Dataset.from_list(e) for s, e in formatted.items() if e})
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")  # written aside, then renamed: never half a dataset
     shutil.rmtree(tmp, ignore_errors=True)
-    dsd.save_to_disk(str(tmp / "dataset"))
+    datasets.DatasetDict({s: datasets.Dataset.from_list(e) for s, e in formatted.items() if e}).save_to_disk(
+        str(tmp / "dataset"))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     print(f"Saved {manifest['rows']} to {out_dir}")
-    return datasets.load_from_disk(str(out_dir / "dataset")), manifest
+    return load_formatted(out_dir)
 
 
 def load_formatted(out_dir: str | Path = FORMATTED_DIR):

@@ -1,9 +1,7 @@
-"""Notebook 02's helpers: pre-flight checks, loading, parameter counts, memory, and adapters (notebook 03,
-notebook 04 and train.py use them too).
-
-The lesson's own calls (`AutoModelForCausalLM.from_pretrained`, `LoraConfig`, `get_peft_model`) stay in the
-notebooks' cells; this module holds what would distract from them. transformers and peft are imported inside
-the functions, never at the top, so that `import unsloth` (which patches them) can come first in notebook 04.
+"""Notebook 02's helpers (notebooks 03-04 and train.py use them too): pre-flight checks, loading, parameter counts,
+memory, LoRA targets, saving a merged model. The lesson's own calls (`from_pretrained`, `LoraConfig`,
+`get_peft_model`) stay in the notebooks' cells; transformers and peft are imported inside functions, so that
+`import unsloth` (which patches them) can come first in notebook 04.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
-import json
 import re
 import shutil
 import time
@@ -23,13 +20,8 @@ import torch
 from .config import DEFAULT_MODEL_ID, TINY_MODEL
 
 GIB = 2**30
-# Measured: the bf16 weights of the 30B-A3B model take ~59 GiB on the GPU (31.58B x 2 bytes); with the routed
-# experts in NF4 (helpers.quant) 19.6 GiB, a third of that.
-DEFAULT_MODEL_GIB = 59.0
-NF4_SHARE = 19.6 / 58.9
-
-
-# Pre-flight checks ------------------------------------------------------------------------------
+# Measured: the bf16 weights take ~59 GiB on the GPU (31.58B x 2 bytes); with NF4 routed experts (quant.py) 19.6.
+DEFAULT_MODEL_GIB, NF4_SHARE = 59.0, 19.6 / 58.9
 
 
 @dataclass
@@ -54,40 +46,30 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _bound_implementation(function) -> str:
-    """Where the code behind one of transformers' Mamba kernel wrappers lives.
-
-    `use_kernel_func_from_hub_with_fallback` tries to import mamba_ssm / causal_conv1d ONCE, when
-    modeling_nemotron_h is imported, and keeps the result in the wrapper's closure: read it back.
-    """
-    if isinstance(function, functools.partial) and function.args:  # fastpath wraps the kernel in a partial
-        function = function.args[0]
-    try:
-        implementation = inspect.getclosurevars(function).nonlocals.get("implementation")
-    except TypeError:  # not a plain function any more (patched, or a hub kernel)
-        return "unknown"
-    module = getattr(implementation, "__module__", None) or "unknown"
-    return "torch reference" if module.startswith("transformers") else module
-
-
 def fast_kernels_status() -> dict:
-    """Which Mamba-2 code transformers will really run: fused CUDA kernels or the torch reference.
+    """Which Mamba-2 code transformers will really run: the fused CUDA kernels or its torch reference.
 
-    Imports transformers (call it after `import unsloth`). Kernels installed after that import
-    are ignored until Python restarts.
+    transformers tries mamba_ssm / causal_conv1d once, when modeling_nemotron_h is imported, and keeps what it found
+    in each kernel wrapper's closure: this reads it back. Kernels installed after that import count after a restart.
     """
     from transformers.models.nemotron_h import modeling_nemotron_h as nemotron_h
 
-    ops = {
-        "training (fused conv + scan + norm + out_proj)": nemotron_h.mamba2_split_conv1d_scan_combined,
-        "causal conv1d": nemotron_h.causal_conv1d_fn,
-        "chunked scan": nemotron_h.mamba2_chunk_scan,
-    }
-    implementations = {op: _bound_implementation(fn) for op, fn in ops.items()}
+    def bound(function) -> str:
+        if isinstance(function, functools.partial) and function.args:  # fastpath wraps the kernel in a partial
+            function = function.args[0]
+        try:
+            module = getattr(inspect.getclosurevars(function).nonlocals.get("implementation"), "__module__", None)
+        except TypeError:  # not a plain function any more (patched, or a hub kernel)
+            return "unknown"
+        return "torch reference" if (module or "").startswith("transformers") else module or "unknown"
+
+    implementations = {op: bound(fn) for op, fn in [
+        ("training (fused conv + scan + norm + out_proj)", nemotron_h.mamba2_split_conv1d_scan_combined),
+        ("causal conv1d", nemotron_h.causal_conv1d_fn), ("chunked scan", nemotron_h.mamba2_chunk_scan)]}
     status = {"cuda": torch.cuda.is_available(), "mamba_ssm": _version("mamba-ssm"),
               "causal_conv1d": _version("causal-conv1d"), "implementations": implementations}
-    installed = status["mamba_ssm"] is not None and status["causal_conv1d"] is not None
-    status["fast_path"] = status["cuda"] and installed and "torch reference" not in implementations.values()
+    status["fast_path"] = (status["cuda"] and None not in (status["mamba_ssm"], status["causal_conv1d"])
+                           and "torch reference" not in implementations.values())
     return status
 
 
@@ -95,7 +77,6 @@ def estimate_weights_gib(model_id: str = DEFAULT_MODEL_ID) -> float | None:
     """GiB of bf16 weights of `model_id`, counted from its config; None if it can't be read."""
     if model_id == DEFAULT_MODEL_ID:
         return DEFAULT_MODEL_GIB
-    _build_tiny_if_missing(model_id)
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -117,11 +98,9 @@ def _check_gpu(need_gib, four_bit_gib=None) -> Check:
         if _is_small(need_gib):
             return Check("GPU", True, "no GPU: fine for the offline tiny model only")
         size = f" with ~{need_gib:.0f} GiB free" if need_gib else ""
-        return Check(
-            "GPU", False, f"no GPU: this model needs a CUDA GPU{size} for its weights",
-            "run on a CUDA GPU (bf16: 80 GB; 4-bit: 40 GB, even 24 GB); on a CPU use the offline tiny model "
-            "(train.py --preset smoke; notebooks: MODEL_ID=outputs/tiny-nemotron)",
-        )
+        return Check("GPU", False, f"no GPU: this model needs a CUDA GPU{size} for its weights",
+                     "run on a CUDA GPU (bf16: 80 GB; 4-bit: 40 GB, even 24 GB); on a CPU use the offline tiny model "
+                     "(train.py --preset smoke; notebooks: MODEL_ID=outputs/tiny-nemotron)")
     free, total = (x / GIB for x in torch.cuda.mem_get_info())
     gpu = f"{torch.cuda.get_device_name()}: {free:.1f} of {total:.1f} GiB free"
     if need_gib is not None and free < need_gib:
@@ -129,19 +108,10 @@ def _check_gpu(need_gib, four_bit_gib=None) -> Check:
             return Check("GPU", True, f"{gpu}: too small for the bf16 weights (~{need_gib:.0f} GiB), enough for "
                                       f"the 4-bit ones (~{four_bit_gib:.0f} GiB)")
         smallest = four_bit_gib if four_bit_gib is not None else need_gib
-        return Check(
-            "GPU", False, f"{gpu}; the weights alone need ~{smallest:.0f} GiB even in the smallest allowed mode",
-            "use a larger card (or stop other processes on it: nvidia-smi)"
-            + ("" if four_bit_gib is not None else ", or allow 4-bit (LOAD_IN_4BIT / --set load_in_4bit=auto)"),
-        )
+        return Check("GPU", False, f"{gpu}; the weights alone need ~{smallest:.0f} GiB even in the smallest allowed "
+                     "mode", "use a larger card (or stop other processes on it: nvidia-smi)" + (
+                         "" if four_bit_gib is not None else ", or allow 4-bit (LOAD_IN_4BIT / --set load_in_4bit=auto)"))
     return Check("GPU", True, f"{gpu}; bf16 weights need ~{need_gib or 0:.0f} GiB")
-
-
-def _is_downloaded(model_id: str) -> bool:
-    """True when the weights are on disk already: a local folder, or the Hub cache (then no download is needed)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return Path(model_id).is_dir() or isinstance(try_to_load_from_cache(model_id, "config.json"), str)
 
 
 def _existing_parent(path) -> Path:
@@ -152,19 +122,19 @@ def _existing_parent(path) -> Path:
     return path
 
 
-def _check_disk(model_id, need_gib, disk_path, need_disk_gib, merge) -> Check:
-    """Is there room for the download (unless already on disk) and, when merging, a merged copy?"""
-    folder = _existing_parent(disk_path)
+def _check_disk(model_id, need_gib) -> Check:
+    """Is there room for the download in the Hugging Face cache (unless the weights are on disk already)?"""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    folder = _existing_parent(constants.HF_HUB_CACHE)
     free = shutil.disk_usage(folder).free / GIB
-    cached = _is_downloaded(model_id)
-    if need_disk_gib is None and need_gib is None:
+    if Path(model_id).is_dir() or isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return Check("disk", True, f"weights already on disk ({free:.0f} GiB free at {folder})")
+    if need_gib is None:
         return Check("disk", True, f"{free:.0f} GiB free at {folder} (model size unknown, not checked)")
-    if need_disk_gib is None:
-        need_disk_gib = (0.0 if cached else need_gib) + (need_gib if merge else 0.0)
-    what = ("weights already on disk" if cached else "download") + (" + merged copy" if merge else "")
-    message = f"{free:.0f} GiB free at {folder}, ~{need_disk_gib:.0f} GiB needed ({what})"
-    if free < need_disk_gib:
-        return Check("disk", False, message, "free disk space, or point HF_HOME / the output folder elsewhere")
+    message = f"{free:.0f} GiB free at {folder}, ~{need_gib:.0f} GiB needed for the download"
+    if free < need_gib:
+        return Check("disk", False, message, "free disk space, or point HF_HOME to a disk with room")
     return Check("disk", True, message)
 
 
@@ -176,25 +146,18 @@ def _check_kernels(need_gib) -> Check:
         return Check("Mamba kernels", True, f"fused kernels in use ({versions})")
     if _is_small(need_gib):
         return Check("Mamba kernels", True, "reference PyTorch Mamba path: fine for the tiny model")
-    missing = [f"no {name}" for name in ("mamba_ssm", "causal_conv1d", "cuda") if not status[name]]
-    return Check(
-        "Mamba kernels", False,
-        f"NO FAST MAMBA KERNELS ({', '.join(missing) or 'installed but failed to import'}). transformers falls back, "
-        "with one easily missed log line, to a reference Mamba implementation measured ~10x slower "
-        "(~640 vs ~7,000 tokens/s on an H100 80GB for the full model) and out of memory above ~1k "
-        "tokens per step",
-        "on a CUDA machine install the locked kernels (README, 'Set up'), then restart Python",
-    )
+    missing = ", ".join(f"no {n}" for n in ("mamba_ssm", "causal_conv1d", "cuda") if not status[n])
+    return Check("Mamba kernels", False, f"NO FAST MAMBA KERNELS ({missing or 'installed but failed to import'}). "
+                 "transformers falls back, with one easily missed log line, to a reference Mamba implementation "
+                 "measured ~10x slower (~640 vs ~7,000 tokens/s on an H100 80GB for the full model) and out of "
+                 "memory above ~1k tokens per step",
+                 "on a CUDA machine install the locked kernels (README, 'Set up'), then restart Python")
 
 
-def preflight(model_id=DEFAULT_MODEL_ID, need_gib=None, disk_path=".", need_disk_gib=None, merge=False, shards=1,
-              load_in_4bit="auto") -> list[Check]:
-    """Check GPU memory, disk space and Mamba kernels before spending an hour on a download.
-
-    `shards`: FSDP over that many GPUs, so each GPU needs only its share of the weights. `load_in_4bit`
-    ("auto", "true", "false"): whether a card too small for bf16 may fall back to NF4 routed experts.
-    Prints one line per check and returns them; never raises. Pass the list to `require`.
-    """
+def preflight(model_id=DEFAULT_MODEL_ID, need_gib=None, shards=1, load_in_4bit="auto") -> list[Check]:
+    """Check GPU memory, disk space and Mamba kernels before spending an hour on a download: prints one line per
+    check and returns them, never raises (pass the list to `require`). `shards`: FSDP over that many GPUs, each
+    holding its share. `load_in_4bit` ("auto", "true", "false"): may a card too small for bf16 use NF4 experts?"""
     model_id = str(model_id)
     _build_tiny_if_missing(model_id)  # the offline tiny model is made on first use, as load_model does
     need_gib = estimate_weights_gib(model_id) if need_gib is None else need_gib
@@ -202,7 +165,7 @@ def preflight(model_id=DEFAULT_MODEL_ID, need_gib=None, disk_path=".", need_disk
     checks = []
     for name, check, args in [
         ("GPU", _check_gpu, (share, share * NF4_SHARE if share and str(load_in_4bit).lower() != "false" else None)),
-        ("disk", _check_disk, (model_id, need_gib, disk_path, need_disk_gib, merge)),
+        ("disk", _check_disk, (model_id, need_gib)),
         ("Mamba kernels", _check_kernels, (need_gib,)),
     ]:
         try:
@@ -224,13 +187,6 @@ def require(checks: list[Check], ignore: tuple[str, ...] = ()) -> None:
     if failed:
         details = "\n".join(f"- {c.name}: {c.message}\n  fix: {c.fix}" for c in failed)
         raise PreflightFailed(f"{len(failed)} pre-flight check(s) failed:\n{details}")
-
-
-# Loading, counting, memory ----------------------------------------------------------------------
-
-
-
-# Loading, counting, memory ----------------------------------------------------------------------
 
 
 def _build_tiny_if_missing(model_id: str) -> None:
@@ -268,31 +224,22 @@ def free_memory() -> None:
 
 
 def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=None, attn_implementation=None):
-    """Load a NemotronH model and its tokenizer with transformers' built-in code (no remote code).
-
-    Defaults: bfloat16 on the current GPU, float32 on a CPU; `device_map` places it elsewhere (train.py: this
-    process's GPU under accelerate launch, the CPU under FSDP). Never "auto": no silent offloading to the CPU.
-    Returns (model, tokenizer).
-    """
+    """(model, tokenizer) of a NemotronH checkpoint with transformers' built-in code (no remote code): bfloat16 on
+    this GPU, float32 on a CPU. `device_map` places it elsewhere (train.py: the CPU under FSDP), never "auto": no
+    silent offloading to the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_id = str(model_id)
     _build_tiny_if_missing(model_id)
     config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
     if config.model_type != "nemotron_h":
-        raise ValueError(
-            f"{model_id} is a '{config.model_type}' model, but these helpers are for 'nemotron_h' "
-            f"(Nemotron-H / Nemotron-3). Fix: use {DEFAULT_MODEL_ID} or the offline tiny model {TINY_MODEL}."
-        )
-    on_gpu = torch.cuda.is_available()
-    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
-    if device_map is None and on_gpu:
-        device_map = {"": torch.cuda.current_device()}
-    start = time.perf_counter()
+        raise ValueError(f"{model_id} is a '{config.model_type}' model, but these helpers are for 'nemotron_h' "
+                         f"(Nemotron-H / Nemotron-3). Fix: use {DEFAULT_MODEL_ID} or the offline tiny model {TINY_MODEL}.")
+    on_gpu, start = torch.cuda.is_available(), time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        model_id, config=config, revision=revision, dtype=dtype, device_map=device_map,
-        attn_implementation=attn_implementation, trust_remote_code=False,
-    )
+        model_id, config=config, revision=revision, dtype=dtype or (torch.bfloat16 if on_gpu else torch.float32),
+        device_map=device_map or ({"": torch.cuda.current_device()} if on_gpu else None),
+        attn_implementation=attn_implementation, trust_remote_code=False)
     tokenizer = load_tokenizer(model_id, revision)
     print(f"Loaded {model_id} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
@@ -318,11 +265,8 @@ def _block_of(name: str, layer_types: list[str]) -> str:
 
 
 def count_parameters(model) -> dict:
-    """Parameters per block type, their total, and how many are active for one token.
-
-    Only k of the E routed experts run per token: active = total - routed * (1 - k/E).
-    Works on meta-device models (no memory needed) and on PEFT-wrapped models.
-    """
+    """Parameters per block type, their total, and how many are active for one token (only k of the E routed
+    experts run: active = total - routed * (1 - k/E)). Works on meta-device and PEFT-wrapped models."""
     config = model.config
     keys = ["embeddings", "mamba", "attention", "router", "routed_experts", "shared_experts",
             "dense_mlp", "norms", "lm_head", "lora", "other"]
@@ -356,21 +300,15 @@ def gpu_memory_report(show: bool = True) -> dict:
     """Allocated / reserved / peak GPU memory in GiB (or a note on CPU); prints one line."""
     report = {"device": "cpu", "note": "no GPU: nothing to report"}
     if torch.cuda.is_available():
-        device = torch.cuda.current_device()
-        report = {"device": torch.cuda.get_device_name(device)} | {
-            key: round(value / GIB, 2) for key, value in [
-                ("total_gib", torch.cuda.get_device_properties(device).total_memory),
-                ("allocated_gib", torch.cuda.memory_allocated(device)),
-                ("reserved_gib", torch.cuda.memory_reserved(device)),
-                ("peak_gib", torch.cuda.max_memory_allocated(device)),
-            ]
-        }
+        cuda = torch.cuda
+        report = {"device": cuda.get_device_name()} | {key: round(value / GIB, 2) for key, value in [
+            ("total_gib", cuda.get_device_properties(cuda.current_device()).total_memory),
+            ("allocated_gib", cuda.memory_allocated()), ("reserved_gib", cuda.memory_reserved()),
+            ("peak_gib", cuda.max_memory_allocated())]}
     if show:
         print(", ".join(f"{key}: {value}" for key, value in report.items()))
     return report
 
-
-# LoRA -------------------------------------------------------------------------------------------
 
 # Attention q/k/v/o, the Mamba input projection and the shared expert's up/down (all nn.Linear).
 # "up_proj"/"down_proj" match only the shared expert: the routed experts are not modules but two
@@ -378,10 +316,8 @@ def gpu_memory_report(show: bool = True) -> dict:
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"]
 # ...so they are adapted through PEFT's `target_parameters` (one low-rank pair per expert).
 ROUTED_EXPERT_PARAMETERS = ["mixer.experts.up_proj", "mixer.experts.down_proj"]
-BYPASSED_TARGETS = {
-    "out_proj": "the fused Mamba training kernel (mamba_ssm) reads mixer.out_proj.weight directly",
-    "conv1d": "the Mamba mixer hands mixer.conv1d.weight straight to the convolution kernel",
-}
+BYPASSED_TARGETS = {"out_proj": "the fused Mamba training kernel (mamba_ssm) reads mixer.out_proj.weight directly",
+                    "conv1d": "the Mamba mixer hands mixer.conv1d.weight straight to the convolution kernel"}
 
 
 def check_lora_targets(config) -> None:
@@ -396,59 +332,16 @@ def check_lora_targets(config) -> None:
                          "weights, where dropout on the input cannot be applied. Fix: lora_dropout=0.0.")
 
 
-def lora_module_names(peft_model) -> list[str]:
-    """The modules (and, for routed experts, the parameters) that carry a LoRA adapter."""
-    from peft.tuners.lora import LoraLayer
-
-    names = []
-    for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer):
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            parameter = getattr(module, "parameter_name", None)  # set on PEFT's ParamWrapper
-            names.append(f"{name}.{parameter}" if parameter else name)
-    return names
-
-
-# Adapters: merge, load, disk --------------------------------------------------------------------
-
-
-def merge_adapter(peft_model):
-    """Fold the LoRA weights into the base weights and return the plain transformers model."""
-    merged = peft_model.merge_and_unload(safe_merge=True)
-    print("LoRA merged into the base weights (the result no longer needs peft).")
-    return merged
-
-
-def load_adapter(base_model, adapter_dir, is_trainable: bool = False):
-    """Attach a saved LoRA adapter (a folder with adapter_config.json) to `base_model`."""
-    from peft import PeftModel
-
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"No adapter_config.json in {adapter_dir}. Fix: pass the folder given to "
-            "peft_model.save_pretrained() (or the trainer's output_dir)."
-        )
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
-
-
-def merge_disk_check(out_dir, model) -> dict:
-    """Raise if the disk of `out_dir` cannot hold the merged model (its weights + 20 %)."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    need, free = 1.2 * size / GIB, shutil.disk_usage(_existing_parent(out_dir)).free / GIB
-    if free < need:
-        raise RuntimeError(
-            f"Not enough disk to save the merged model in {out_dir}: {free:.1f} GiB free, ~{need:.1f} GiB "
-            f"needed ({size / GIB:.1f} GiB of weights + 20%). Fix: free disk space, choose another folder, "
-            "or ship the LoRA adapter alone (tens of MB) and merge where it is used."
-        )
-    return {"need_gib": need, "free_gib": free}
-
-
 def save_merged(merged, tokenizer, out_dir) -> Path:
-    """Save a merged model and its tokenizer as one ordinary checkpoint folder, after `merge_disk_check`."""
-    merge_disk_check(out_dir, merged)
+    """Save a merged model and its tokenizer as one ordinary checkpoint folder, after checking that the disk holds
+    its weights + 20%."""
+    size = sum(p.numel() * p.element_size() for p in merged.parameters()) / GIB
+    free = shutil.disk_usage(_existing_parent(out_dir)).free / GIB
+    if free < 1.2 * size:
+        raise RuntimeError(f"Not enough disk to save the merged model in {out_dir}: {free:.1f} GiB free, "
+                           f"~{1.2 * size:.1f} GiB needed. Fix: free disk space, choose another folder, or ship the "
+                           "LoRA adapter alone (tens of MB) and merge where it is used.")
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     print("Merged model saved to", out_dir)
     return Path(out_dir)
-

@@ -46,9 +46,8 @@ def resolve_path(path: str | Path) -> str:
 
 
 def setup() -> None:
-    """The set-up cell's work: on Colab install the locked stack the runtime lacks; everywhere check the GPU.
-
-    The installing lives in recipe/colab.py: plumbing, not part of the lesson."""
+    """The set-up cell's work: on Colab install the locked stack the runtime lacks (recipe/colab.py: plumbing, not
+    the lesson); everywhere check the GPU."""
     from recipe import colab
 
     colab.setup()

@@ -1,16 +1,14 @@
 """4-bit (QLoRA) loading for notebooks 02-03 and train.py, where the bf16 model does not fit the GPU:
-`choose_precision` picks bf16 or NF4; `load_model_4bit` runs `from_pretrained` and quantizes the routed experts
-(29.4B of the 31.6B parameters) to NF4 as they arrive, so the bf16 model is never whole on the GPU (on a 24 GB card
-the other linears too, through `BitsAndBytesConfig`); `LORA_TARGETS_4BIT` and `check_lora_config` keep LoRA where
-4-bit can carry it; `merge_into_bf16` folds the adapter into the bf16 weights for deployment, `merge_report` says
-what that changes. No "prepare for k-bit training" step: TRL already enables input gradients for checkpointing,
-and PEFT's `prepare_model_for_kbit_training` would copy the 2.2B unquantized parameters to float32 (+4 GiB).
+`choose_precision` picks bf16 or NF4; `load_model_4bit` quantizes the routed experts (29.4B of the 31.6B
+parameters) to NF4 as `from_pretrained` sets them, so the bf16 model is never whole on the GPU (on a 24 GB card the
+other linears too); `LORA_TARGETS_4BIT` and `check_lora_config` keep LoRA where 4-bit can carry it;
+`merge_into_bf16` folds the adapter into the bf16 weights. No `prepare_model_for_kbit_training`: TRL already enables
+input gradients for checkpointing, and that step would copy the 2.2B unquantized parameters to float32 (+4 GiB).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import sys
 import time
@@ -18,9 +16,8 @@ from unittest import mock
 
 import torch
 
-from .model import DEFAULT_MODEL_ID, LORA_TARGET_MODULES, load_tokenizer
+from .model import DEFAULT_MODEL_ID, GIB, LORA_TARGET_MODULES, _version, load_tokenizer
 
-GIB = 2**30
 EXPERT_PARAMETERS = ("up_proj", "down_proj")  # NemotronHExperts' fused (experts, out, in) tensors
 # bf16 needs its weights (58.9 GiB), the training peak above them (8,192 tokens/step, H100: 67.5 GiB reserved, so
 # 8.6) and ~1.5 GiB of CUDA context and margin: 69 GiB; an "80 GB" card has 79.2. NF4 experts peaked at 26.9 GiB
@@ -37,14 +34,12 @@ LORA_TARGETS_4BIT = r"^(?!.*\.parametrizations\.).*\.(" + "|".join(LORA_TARGET_M
 
 def require_bitsandbytes() -> str:
     """The installed bitsandbytes version; one clear error if it is missing or older than 0.50."""
-    try:
-        version = importlib.metadata.version("bitsandbytes")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
+    version = _version("bitsandbytes")
     if version is None or tuple(int(x) for x in version.split(".")[:2]) < (0, 50):
         raise RuntimeError(f"4-bit loading needs bitsandbytes >= 0.50 (found: {version or 'not installed'}; 0.50 "
-                           "fixed a leak of dequantized weights under gradient checkpointing). Fix: run through `./run ...`, "
-                           "which syncs requirements.lock (it pins bitsandbytes 0.50.2), and restart Python, or load in bf16.")
+                           "fixed a leak of dequantized weights under gradient checkpointing). Fix: run through "
+                           "`./run ...`, which syncs requirements.lock (it pins bitsandbytes 0.50.2), and restart "
+                           "Python, or load in bf16.")
     return version
 
 
@@ -157,20 +152,18 @@ def load_model_4bit(model_id=DEFAULT_MODEL_ID, revision=None, all_linears="auto"
 
 
 def peak_ram_gib() -> float | None:
-    """This process's peak resident memory so far (ru_maxrss), GiB; None on Windows."""
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS), GiB; None on Windows."""
     with contextlib.suppress(ImportError):
-        import resource  # ru_maxrss: KiB on Linux, bytes on macOS
+        import resource
 
-        unit = 2**30 if sys.platform == "darwin" else 2**20
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)
-    return None
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(30 if sys.platform == "darwin" else 20), 1)
 
 
 def merge_into_bf16(model_id, adapter_dir, revision=None, device_map=None):
     """The deployable model: the unquantized base (bf16 as saved; the tiny model float32) with the adapter merged.
     It costs what bf16 costs: ~59 GiB of memory (the GPU if it has room, else CPU RAM) and of disk to save it. It
     differs from the trained 4-bit model by the frozen weights' quantization error, which the adapter was trained
-    against (`merge_report` measures it: ~6% of the logits' norm on the tiny model)."""
+    against (~6% of the logits' norm on the tiny model: tests/test_quant.py)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -178,11 +171,3 @@ def merge_into_bf16(model_id, adapter_dir, revision=None, device_map=None):
     device_map = device_map or ({"": torch.cuda.current_device()} if room else "cpu")
     base = AutoModelForCausalLM.from_pretrained(str(model_id), revision=revision, dtype="auto", device_map=device_map)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
-
-
-@torch.no_grad()
-def merge_report(adapted, merged, input_ids) -> dict:
-    """How far `merged`'s logits are from `adapted`'s (the adapter on the 4-bit model) on the same rows."""
-    a, b = (m(input_ids=input_ids.to(m.device)).logits.float().cpu() for m in (adapted.eval(), merged.eval()))
-    return {"max_abs_diff": (a - b).abs().max().item(), "relative_diff": ((a - b).norm() / a.norm()).item(),
-            "same_top_token": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}

@@ -1,9 +1,6 @@
-"""Notebook 03's bookkeeping around TRL's `SFTTrainer` (train.py and notebook 04 use it too).
-
-The lesson itself — `LoraConfig`, `get_peft_model`, `SFTConfig`, `SFTTrainer`, `trainer.train()` — stays in
-the notebook's cells. This module holds what would distract from it: a callback that times every step, the
-CPU stand-in for TRL's CUDA-only loss kernel, and the run record (`outputs/runs/<run>/metrics.json`) with its
-one definition of "steady" speed, which notebook 04 and the benchmark read.
+"""Notebook 03's bookkeeping around TRL's `SFTTrainer` (train.py and notebook 04 use it too): a callback that times
+every step, the CPU stand-in for TRL's CUDA-only loss kernel, and the run record (`outputs/runs/<run>/metrics.json`)
+with the one definition of "steady" speed that notebook 04 and the benchmark read.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -27,35 +25,33 @@ WARMUP_STEPS = 2  # steps left out of "steady" speed: each new batch shape compi
 
 
 class StepTimer:
-    """A TrainerCallback that records the wall time, tokens and rows of every optimizer step."""
+    """A TrainerCallback that records the wall time and tokens of every optimizer step (`.steps`, `.wall`)."""
 
     def __new__(cls):
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # imported here: notebook 04 must import Unsloth first
 
         class _StepTimer(TrainerCallback):
             def __init__(self):
-                self.steps: list[dict] = []
-                self.wall = 0.0
+                self.steps, self.wall = [], 0.0
 
             def on_train_begin(self, args, state, control, **kw):
-                self._sync()
+                _sync()
                 self._start = self._t = time.perf_counter()
                 self._tokens = state.num_input_tokens_seen
 
             def on_step_end(self, args, state, control, **kw):
-                self._sync()
-                now = time.perf_counter()
+                _sync()
+                now, tokens = time.perf_counter(), state.num_input_tokens_seen
                 self.steps.append({"step": state.global_step, "seconds": round(now - self._t, 4),
-                                   "tokens": int(state.num_input_tokens_seen - self._tokens)})
-                self._t, self._tokens = now, state.num_input_tokens_seen
-                self.wall = now - self._start
-
-            @staticmethod
-            def _sync():
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+                                   "tokens": int(tokens - self._tokens)})
+                self._t, self._tokens, self.wall = now, tokens, now - self._start
 
         return _StepTimer()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class _TorchLogProb:
@@ -78,35 +74,20 @@ class _TorchLogProb:
 
 @contextlib.contextmanager
 def cpu_loss_fallback():
-    """Without CUDA, use `_TorchLogProb` for TRL's loss inside the block, and put TRL's kernel back after.
-
-    On a GPU it changes nothing. Checked with trl 1.15.0 (`trl.trainer.utils._ChunkedLogProbFunction`).
-    """
+    """Without CUDA, use `_TorchLogProb` for TRL's loss inside the block, and put TRL's kernel back after; on a GPU
+    it changes nothing. Checked with trl 1.15.0 (`trl.trainer.utils._ChunkedLogProbFunction`)."""
     import trl.trainer.utils as trl_utils
 
     if torch.cuda.is_available() or not hasattr(trl_utils, "_ChunkedLogProbFunction"):
         yield False
-        return
-    original = trl_utils._ChunkedLogProbFunction
-    trl_utils._ChunkedLogProbFunction = _TorchLogProb
-    try:
-        yield True
-    finally:
-        trl_utils._ChunkedLogProbFunction = original
-
-
-def last_checkpoint(cfg: TrainConfig) -> str | None:
-    """Path of the newest `checkpoint-N` folder of this run (to resume from), or None."""
-    from transformers.trainer_utils import get_last_checkpoint
-    return get_last_checkpoint(str(cfg.checkpoint_dir)) if cfg.checkpoint_dir.is_dir() else None
+    else:
+        with mock.patch.object(trl_utils, "_ChunkedLogProbFunction", _TorchLogProb):
+            yield True
 
 
 def steady(steps: list[dict], skip: int = WARMUP_STEPS) -> dict:
-    """The one definition of steady speed: tokens/s and median/mean s/step over the steps after the first `skip`.
-
-    Every new batch shape costs a one-off compilation (Triton autotuning, cuDNN plans), so the first steps of a
-    short run say little about a long one. Used by run records, notebook 04's figure and the benchmark.
-    """
+    """The one definition of steady speed: tokens/s and median/mean s/step after the first `skip` steps (each new
+    batch shape compiles kernels once, so a short run's first steps say little about a long run)."""
     kept = steps[skip:] if len(steps) > skip else steps
     seconds = sum(s["seconds"] for s in kept)
     return {"tokens_per_second": round(sum(s["tokens"] for s in kept) / seconds, 1) if seconds else None,
@@ -116,11 +97,8 @@ def steady(steps: list[dict], skip: int = WARMUP_STEPS) -> dict:
 
 
 def batch_plan(trainer) -> dict:
-    """Rows per optimizer step over all processes, the learning rate, and how many steps the run will take.
-
-    N processes (one per GPU) x `per_device` rows x A accumulated micro-batches = the effective batch; the data
-    is split N ways, so an epoch has N times fewer steps. The learning rate is used as set, not scaled with N.
-    """
+    """Rows per optimizer step over all processes (N processes x per-device rows x accumulation), the steps per
+    epoch (the data is split N ways), the learning rate (used as set, not scaled with N) and the planned steps."""
     args = trainer.args
     processes = max(args.world_size, 1)
     per_epoch = max(math.ceil(math.ceil(len(trainer.train_dataset) / args.per_device_train_batch_size)
@@ -140,11 +118,9 @@ def rows_trained(plan: dict, rows: int, steps: int) -> int:
 
 def library_versions() -> dict:
     """Versions of everything that decides speed or numerics, for the run record."""
-    out = {"python": platform.python_version(), "torch_cuda": torch.version.cuda}
-    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth",
-                 "unsloth_zoo", "mamba_ssm", "causal_conv1d"):
-        out[name] = _version(name)
-    return out
+    return {"python": platform.python_version(), "torch_cuda": torch.version.cuda} | {name: _version(name) for name in (
+        "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo",
+        "mamba_ssm", "causal_conv1d")}
 
 
 def hardware() -> dict:
@@ -163,22 +139,17 @@ def run_record(trainer, cfg: TrainConfig, timer, stack: str = "standard", resume
     state, steps, plan = trainer.state, timer.steps, batch_plan(trainer)
     losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
     speed = steady(steps)
-    return {
-        "run_name": cfg.run_name, "stack": stack, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "resumed_from": resumed_from, "wall_seconds": round(timer.wall, 2),
-        "steps": state.global_step, "steps_this_run": len(steps),
-        "samples": rows_trained(plan, len(trainer.train_dataset), state.global_step),
-        "tokens": int(state.num_input_tokens_seen),
-        "steady_tokens_per_second": speed["tokens_per_second"],
-        "seconds_per_step": speed["median_seconds_per_step"], "steady": speed,
-        "first_step_seconds": steps[0]["seconds"] if steps else None,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "final_loss": losses[-1][1] if losses else None,
-        "loss_history": losses, "step_times": steps,
-        "hardware": hardware(), "versions": library_versions(), "config": dataclasses.asdict(cfg),
-        "effective_batch": {k: plan[k] for k in ("per_device", "gradient_accumulation", "processes", "rows_per_step")},
-        **extra,
-    }
+    return {"run_name": cfg.run_name, "stack": stack, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "resumed_from": resumed_from, "wall_seconds": round(timer.wall, 2), "steps": state.global_step,
+            "steps_this_run": len(steps), "samples": rows_trained(plan, len(trainer.train_dataset), state.global_step),
+            "tokens": int(state.num_input_tokens_seen), "steady_tokens_per_second": speed["tokens_per_second"],
+            "seconds_per_step": speed["median_seconds_per_step"], "steady": speed,
+            "first_step_seconds": steps[0]["seconds"] if steps else None,
+            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "final_loss": losses[-1][1] if losses else None, "loss_history": losses, "step_times": steps,
+            "hardware": hardware(), "versions": library_versions(), "config": dataclasses.asdict(cfg),
+            "effective_batch": {k: plan[k] for k in ("per_device", "gradient_accumulation", "processes",
+                                                     "rows_per_step")}, **extra}
 
 
 def save_run_record(record: dict, run_dir: Path) -> Path:
@@ -192,15 +163,6 @@ def save_run_record(record: dict, run_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     return path
-
-
-def load_run_record(path: str | Path) -> dict:
-    """Read a run record (metrics.json, or the folder holding it)."""
-    path = Path(path)
-    path = path / "metrics.json" if path.is_dir() else path
-    if not path.exists():
-        raise FileNotFoundError(f"no run record at {path}: run notebook 03 (or train.py) first")
-    return json.loads(path.read_text())
 
 
 def print_run_summary(record: dict) -> None:
@@ -220,10 +182,8 @@ def training_rows(dataset_dict, limit: int | None = None):
     if "train" not in dataset_dict or not len(dataset_dict["train"]):
         raise ValueError("the prepared data has no training rows: prepare a source with a train split "
                          "(notebook 01, or train.py --set data_source=FOLDER)")
-    train = dataset_dict["train"]
-    if limit:
-        train = train.select(range(min(limit, len(train))))
-    return train.select_columns(["prompt", "completion"])
+    train = dataset_dict["train"].select_columns(["prompt", "completion"])
+    return train.select(range(min(limit, len(train)))) if limit else train
 
 
 def print_plan(plan: dict, resume: str | None = None) -> None:
@@ -232,9 +192,3 @@ def print_plan(plan: dict, resume: str | None = None) -> None:
     print(f"{n} process{'es' if n > 1 else ''} x {plan['per_device']} rows x {plan['gradient_accumulation']} "
           f"accumulation = {plan['rows_per_step']} rows per optimizer step; learning rate {plan['learning_rate']:g}; "
           f"{plan['planned_steps']} steps" + (f"; resuming from {resume}" if resume else ""), flush=True)
-
-
-@contextlib.contextmanager
-def nothing_applied():
-    """The standard path's stand-in for `fastpath.applied`: no patches, an empty report."""
-    yield {}

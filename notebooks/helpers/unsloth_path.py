@@ -1,16 +1,20 @@
-"""Notebook 04's helpers: import Unsloth first, check that its run is comparable, and read the measured records.
-
-Import order matters: `import unsloth` must run before transformers, trl and peft are imported, so that Unsloth can
-patch them. Nothing in `helpers` imports those at module level, and `try_import_unsloth()` is meant to be the
-notebook's first import. The lesson's calls (`FastLanguageModel.from_pretrained`, `get_peft_model`) stay in cells.
+"""Notebook 04's helpers: import Unsloth first, check that its run is comparable, read the measured records and
+plot them. `import unsloth` must run before transformers, trl and peft are imported, so that Unsloth can patch
+them: nothing in `helpers` imports those at module level, and `try_import_unsloth()` is the notebook's first import.
+The lesson's calls (`FastLanguageModel.from_pretrained`, `get_peft_model`) stay in the notebook's cells.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
+
+from .plots import plt, save_figure
+from .training import steady
+from recipe.presets import config_of_run  # noqa: F401  (notebook 04 reruns notebook 03's config with it)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Run records measured on a GPU (standard, unsloth, fast; the format of outputs/runs/<run>/metrics.json), used
@@ -74,8 +78,6 @@ def fairness_table(baseline: dict, *others: dict) -> str:
 
 def print_speedups(baseline: dict, others: list[dict]) -> None:
     """Each stack's steady speed against the baseline's, and every stack's first (compiling) step."""
-    from .training import steady
-
     records = [baseline, *others]
     print("first step (compile/warm-up):", ", ".join(f"{r['stack']} {r['first_step_seconds']} s" for r in records))
     base = steady(baseline["step_times"])
@@ -86,10 +88,17 @@ def print_speedups(baseline: dict, others: list[dict]) -> None:
               f"{mine['median_seconds_per_step']} vs {base['median_seconds_per_step']})")
 
 
+def load_run_record(path: str | Path) -> dict:
+    """Read a run record (metrics.json, or the folder holding it)."""
+    path = Path(path)
+    path = path / "metrics.json" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"no run record at {path}: run notebook 03 (or train.py) first")
+    return json.loads(path.read_text())
+
+
 def reference_records(folder: str | Path = REFERENCE_RUNS) -> tuple[dict, dict, dict | None]:
     """The committed GPU run records (standard, unsloth, and fast where measured) for machines that cannot train."""
-    from .training import load_run_record
-
     folder = Path(folder)
     fast = load_run_record(folder / "fast.json") if (folder / "fast.json").exists() else None
     return load_run_record(folder / "standard.json"), load_run_record(folder / "unsloth.json"), fast
@@ -97,8 +106,6 @@ def reference_records(folder: str | Path = REFERENCE_RUNS) -> tuple[dict, dict, 
 
 def optional_run_record(path: str | Path) -> dict | None:
     """The run record at `path` if that run exists (e.g. the fast-path rerun of notebook 03's run), else None."""
-    from .training import load_run_record
-
     try:
         return load_run_record(path)
     except FileNotFoundError:
@@ -113,3 +120,60 @@ def full_depth_comparison() -> dict:
     from benchmarks import records, tables
 
     return {"rows": records.full_depth_comparison(), "table": tables.headline_table()}
+
+
+def _label(record: dict) -> str:
+    """'stack (GPU)' for legends."""
+    return f"{record['stack']} ({record['hardware'].get('gpu_name') or 'CPU'})"
+
+
+def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, note: str = "") -> Path:
+    """Side by side for several run records: steady tokens/s, median s/step, wall time (compilation included),
+    peak memory, and the loss curves (dashed and marked, so curves that coincide stay visible)."""
+    panels = [(lambda r: steady(r["step_times"])["tokens_per_second"], "tokens/s after warm-up", "{:,.0f}"),
+              (lambda r: steady(r["step_times"])["median_seconds_per_step"], "median seconds/step", "{:.3f}"),
+              (lambda r: r.get("wall_seconds"), "wall time (s), compilation included", "{:,.0f}"),
+              (lambda r: r["hardware"].get("peak_allocated_gib"), "peak GPU memory (GiB)", "{:.1f}")]
+    fig, axes = plt.subplots(1, 5, figsize=(19, 3.8), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.8]})
+    labels = [r["stack"] for r in records]
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(records)]
+    for i, (ax, (get, title, fmt)) in enumerate(zip(axes, panels)):
+        values = [get(r) or 0 for r in records]
+        ax.bar(labels, values, color=colors)
+        for x, v in enumerate(values):
+            ax.text(x, v, fmt.format(v), ha="center", va="bottom", fontsize=9)
+        if i == 0 and values[0]:
+            ax.set_xticks(range(len(labels)), [f"{lab}\n{v / values[0]:.2f}x" for lab, v in zip(labels, values)])
+        ax.set_title(title, fontsize=9)
+    for record, color, style in zip(records, colors, ("-", "--", ":", "-.")):
+        steps, losses = zip(*record["loss_history"]) if record["loss_history"] else ((), ())
+        axes[4].plot(steps, losses, color=color, ls=style, marker="o", markersize=3, label=_label(record))
+    axes[4].set_title("training loss (the stacks compute the same model)", fontsize=9)
+    axes[4].set_xlabel("step")
+    axes[4].set_ylabel("loss")
+    axes[4].legend(fontsize=8)
+    v = records[0]["versions"]
+    unsloth = next((r["versions"].get("unsloth") for r in records if r["stack"] == "unsloth"), None)
+    fig.suptitle(f"{' vs '.join(_label(r) for r in records)} - torch {v['torch']}, transformers "
+                 f"{v['transformers']}, trl {v['trl']}, peft {v['peft']}, unsloth {unsloth} {note}", fontsize=9)
+    return save_figure(fig, name, out_dir)
+
+
+def plot_epoch_hours(rows: list[dict], name="04_full_depth", out_dir=None) -> Path:
+    """Hours per MedMCQA epoch on the full model, per stack and LoRA configuration (rows of
+    `unsloth_path.full_depth_comparison`: config, stack, tokens_per_second, epoch_hours)."""
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.6), squeeze=False)
+    colors = {"standard": "#4C72B0", "unsloth": "#DD8452", "fast": "#55A868"}
+    for ax, config in zip(axes[0], configs):
+        mine = [r for r in rows if r["config"] == config]
+        ax.bar([r["stack"] for r in mine], [r["epoch_hours"] for r in mine],
+               color=[colors.get(r["stack"], "grey") for r in mine])
+        for x, r in enumerate(mine):
+            ax.text(x, r["epoch_hours"], f"{r['epoch_hours']:.2f} h\n{r['tokens_per_second']:,.0f} tok/s",
+                    ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, max(r["epoch_hours"] for r in mine) * 1.35)
+        ax.set_ylabel("hours per MedMCQA epoch")
+        ax.set_title(config, fontsize=10)
+    fig.suptitle("Full 52-layer model, 8,192 tokens/step, one H200 (measured tokens/s; hours derived)", fontsize=10)
+    return save_figure(fig, name, out_dir)
