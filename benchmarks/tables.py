@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: the repository on sys.path, so
 
 from benchmarks import REPO  # noqa: E402
 from benchmarks.records import (  # noqa: E402
-    RESULTS, budget_of, figures, fmt, full_depth_comparison, load_record, millions)
+    EPOCH_TOKENS, RESULTS, budget_of, figures, fmt, full_depth_comparison, load_record, millions)
 
 FILES = (REPO / "README.md", REPO / "benchmarks" / "NOTES.md", REPO / "benchmarks" / "results" / "README.md")
 REGION = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
@@ -361,6 +361,93 @@ def float32_table() -> str:
 # ----------------------------------------------------------------------------------------------
 
 B = "python benchmarks/bench.py"
+def _qlora(phase: str, folder: str = "qlora") -> dict:
+    """The newest benchmarks/qlora.py record of one phase (bf16, nf4-40GB, nf4-24GB, quality, load-disk)."""
+    files = sorted(RESULTS.glob(f"{folder}/*_{phase}.json"))
+    if not files:
+        raise FileNotFoundError(f"no qlora record for phase {phase!r} under {RESULTS / 'qlora'}")
+    return load_record(files[-1]) | {"file": files[-1].name}
+
+
+def cards_table() -> str:
+    """README's card table: bf16 from the full-depth records (MedMCQA-shaped rows), the 4-bit modes from
+    benchmarks/qlora.py with the GPU capped (fixed 256-token rows, beside bf16 on the same rows). Hours per epoch
+    of a 4-bit mode: its speed relative to bf16 on the same rows, applied to the full-depth standard figure."""
+    full = {(r["stack"], r["config"]): r for r in full_depth_comparison()}
+    bf16 = _qlora("bf16")
+    base = bf16["train"]["tokens_per_second"]
+    lines = ["| card | mode | tokens/step | peak GiB (alloc / resv) | tokens/s | hours per epoch (derived) | record |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for stack, mode in (("standard", "bf16, standard stack"), ("fast", "bf16, `train.py --fast`")):
+        row = next(r for (s, c), r in full.items() if s == stack and not r["trainable_on_routed_experts"])
+        lines.append(f"| 80 GB (A100 80GB, H100, H200) | {mode} | 8,192 | {fmt(row['peak_allocated_gib'], '.1f')} / "
+                     f"{fmt(row['peak_reserved_gib'], '.1f')} | {fmt(row['tokens_per_second'], ',.0f')} (MedMCQA-"
+                     f"shaped rows) | {fmt(row['epoch_hours'], '.2f')} | [`{row['record']}`](benchmarks/results/"
+                     f"fulldepth/{row['record']}) |")
+    standard = next(r for (s, c), r in full.items() if s == "standard" and not r["trainable_on_routed_experts"])
+    for phase, card, mode in (("nf4-40GB", "40 GB (A100 40GB)", "NF4 routed experts, standard stack"),
+                              ("nf4-24GB", "24 GB (L4, RTX 4090)", "NF4 experts and the other linears")):
+        r = _qlora(phase)
+        t, cap, held = r["train"], r["gpu_cap"]["cap_gib"], r["gpu_cap"]["allocated_at_start_gib"]
+        same_rows = t["tokens_per_step"] == bf16["train"]["tokens_per_step"]
+        hours = (f"{EPOCH_TOKENS / (t['tokens_per_second'] / base * standard['tokens_per_second']) / 3600:.2f}"
+                 if same_rows else f"{EPOCH_TOKENS / t['tokens_per_second'] / 3600:.1f} or more")
+        versus = f", {t['tokens_per_second'] / base:.2f}x bf16's {base:,.0f}" if same_rows else ""
+        held = f" ({held:.1f} of it held from the bf16 run before)" if held > 0.5 else ""
+        lines.append(f"| {card} | {mode}; GPU capped at {cap} GiB | {t['tokens_per_step']:,} | "
+                     f"{t['training_memory']['peak_allocated_gib']:.1f} / {t['training_memory']['peak_reserved_gib']:.1f}"
+                     f"{held} | {t['tokens_per_second']:,.0f} (fixed "
+                     f"{t['row_tokens']}-token rows{versus}) | {hours} | [`{r['file']}`](benchmarks/results/qlora/"
+                     f"{r['file']}) |")
+    return "\n".join(lines)
+
+
+def qlora_quality_table() -> str:
+    """NF4 against bf16 on the same random weights, rows and LoRA start (benchmarks/qlora.py)."""
+    q, load = _qlora("quality"), _qlora("load-disk")
+    g = q["lora_gradients_nf4_vs_bf16"]
+    curves = q["loss_curves"]
+    return "\n".join([
+        "| measure | bf16 | NF4 routed experts | record |", "|---|---:|---:|---|",
+        f"| first-batch loss | {q['first_batch_loss']['bf16']:.4f} | {q['first_batch_loss']['nf4']:.4f} | "
+        f"[`{q['file']}`](results/qlora/{q['file']}) |",
+        f"| loss after {len(curves['bf16'])} steps | {curves['bf16'][-1]:.4f} | {curves['nf4'][-1]:.4f} | (same) |",
+        f"| routed-expert weight error (relative, one layer) | - | {q['expert_weight_error']['up_proj']:.4f} | (same) |",
+        f"| first-batch LoRA gradient, cosine to bf16 | 1 | {g['cosine']:.3f} ({g['tensors_with_nonzero_gradient']} "
+        f"B tensors) | (same) |",
+        f"| loading a saved checkpoint in 4-bit, capped at {load['gpu_cap']['cap_gib']:.0f} GiB | - | "
+        f"{load['seconds']:.1f} s, GPU peak {load['gpu_memory']['peak_reserved_gib']:.1f} GiB reserved, "
+        f"{load['cpu_ram']['peak_rssanon_gib']:.2f} GiB private CPU RAM | [`{load['file']}`](results/qlora/{load['file']}) |"])
+
+
+def qlora_runs_table() -> str:
+    """The two runs of benchmarks/qlora.py side by side: the earlier one still held the first MoE layer's bf16
+    experts (2.4 GiB) through the capped phases."""
+    lines = ["| run | phase | held at start (GiB) | peak alloc / resv GiB | tokens/s | record |", "|---|---|---:|---:|---:|---|"]
+    for folder, run in (("qlora/held-experts", "earlier (experts still referenced)"), ("qlora", "README's")):
+        for phase in ("bf16", "nf4-40GB", "nf4-24GB"):
+            r = _qlora(phase, folder)
+            t, start = r["train"], r["gpu_cap"]["allocated_at_start_gib"]
+            lines.append(f"| {run} | {phase} | {start if phase != 'bf16' else '- (the model)'} | "
+                         f"{t['training_memory']['peak_allocated_gib']:.2f} / {t['training_memory']['peak_reserved_gib']:.2f}"
+                         f" | {t['tokens_per_second']:,.0f} | [`{r['file']}`](results/{folder}/{r['file']}) |")
+    return "\n".join(lines)
+
+
+def notebooks_gpu_table() -> str:
+    """Notebook 03 as committed, run on a GPU in bf16 and in 4-bit (run records under results/notebooks-gpu/)."""
+    lines = ["| run | base | LoRA | trainable | tokens/s after 2 warm-up steps | first step | peak GiB (alloc / resv) "
+             "| loss step 1 / last | record |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, base in (("bf16", "bf16"), ("nf4", "NF4 routed experts (`LOAD_IN_4BIT=true`)")):
+        r = load_record(RESULTS / "notebooks-gpu" / f"{name}.json")
+        hw, losses = r["hardware"], r["loss_history"]
+        lines.append(f"| {r['run_name']} | {base} | {'routed experts too' if r['config']['routed_experts'] else 'no routed experts'}"
+                     f" | {millions(r['trainable_parameters'])} | {r['steady_tokens_per_second']:,.0f} | {r['first_step_seconds']:.1f} s | "
+                     f"{hw['peak_allocated_gib']:.1f} / {hw['peak_reserved_gib']:.1f} | {losses[0][1]:.3f} / "
+                     f"{losses[-1][1]:.3f} | [`{name}.json`](benchmarks/results/notebooks-gpu/{name}.json) |")
+    return "\n".join(lines)
+
+
 INDEX = [  # (claim, where it is quoted, glob patterns under results/, what produced them)
     ("LoRA on the full architecture, standard vs fast vs Unsloth, and hours per MedMCQA epoch",
      "README: Measured results (first table); NOTES: Full depth; notebook 04 (`records.full_depth_comparison`)",
@@ -396,6 +483,20 @@ INDEX = [  # (claim, where it is quoted, glob patterns under results/, what prod
      "`short/`: `bash benchmarks/scaling.sh DIR` with 6 steps after 2"),
     ("train.py under accelerate on 2 GPUs", "README: More than one GPU", ["scaling/train-2gpu/*/*.json"],
      "`accelerate launch --config_file configs/ddp.yaml --num_processes 2 train.py --preset smoke` (and `--fast`)"),
+    ("4-bit (NF4) training under a 40 GiB and a 24 GiB cap, beside bf16; its quality and loading",
+     "README: Which card, which mode; NOTES: 4-bit", ["qlora/*.json"],
+     "`python benchmarks/qlora.py --budget-s 500` (random full-depth weights, seed 0; every phase's record holds "
+     "its command)"),
+    ("4-bit, an earlier run of the same command while 2.4 GiB of bf16 expert weights were still referenced",
+     "NOTES: 4-bit", ["qlora/held-experts/*.json"],
+     "`python benchmarks/qlora.py --budget-s 500`, before `del experts` in its `main()`"),
+    ("Notebooks 01-03 as they stand, top to bottom on a GPU: notebook 03 in bf16 and in 4-bit",
+     "README: Measured results (after the notebook runs)", ["notebooks-gpu/*"],
+     "`make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on notebooks 01 and 02 (MODEL_ID "
+     "that folder, DATA_SOURCE=data/sample), then on notebook 03 with BATCH_SIZE=32 GRAD_ACCUM=1 LEARNING_RATE=1e-4 "
+     "MAX_STEPS=25 MERGE=true and ROUTED_EXPERTS=true (bf16) or LOAD_IN_4BIT=true (nf4); the first bf16 try stopped "
+     "at a 170 s limit of the command while reloading (its first step compiled kernels for 75 s), and ran again on "
+     "the same machine"),
     ("Notebooks 03 and 04 on a GPU, with the fast path as a third run", "README: Measured results; notebook 04 "
      "without a GPU (`helpers.unsloth_path.reference_records`)", ["runs/*"],
      "the 8-layer random model (`make_random_model.py --layers 8`) and the shipped sample; "
@@ -461,6 +562,10 @@ TABLES = {
     "checks": checks_table,
     "float32": float32_table,
     "index": index_table,
+    "cards": cards_table,
+    "qlora-quality": qlora_quality_table,
+    "qlora-runs": qlora_runs_table,
+    "notebooks-gpu": notebooks_gpu_table,
 }
 
 
