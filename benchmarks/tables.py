@@ -373,32 +373,32 @@ def cards_table() -> str:
     """README's card table: bf16 from the full-depth records (MedMCQA-shaped rows), the 4-bit modes from
     benchmarks/qlora.py with the GPU capped (fixed 256-token rows, beside bf16 on the same rows). Hours per epoch
     of a 4-bit mode: its speed relative to bf16 on the same rows, applied to the full-depth standard figure."""
-    full = {(r["stack"], r["config"]): r for r in full_depth_comparison()}
+    frozen = {r["stack"]: r for r in full_depth_comparison() if not r["trainable_on_routed_experts"]}
     bf16 = _qlora("bf16")
     base = bf16["train"]["tokens_per_second"]
     lines = ["| card | mode | tokens/step | peak GiB (alloc / resv) | tokens/s | hours per epoch (derived) | record |",
              "|---|---|---:|---:|---:|---:|---|"]
     for stack, mode in (("standard", "bf16, standard stack"), ("fast", "bf16, `train.py --fast`")):
-        row = next(r for (s, c), r in full.items() if s == stack and not r["trainable_on_routed_experts"])
+        row = frozen[stack]
         lines.append(f"| 80 GB (A100 80GB, H100, H200) | {mode} | 8,192 | {fmt(row['peak_allocated_gib'], '.1f')} / "
                      f"{fmt(row['peak_reserved_gib'], '.1f')} | {fmt(row['tokens_per_second'], ',.0f')} (MedMCQA-"
                      f"shaped rows) | {fmt(row['epoch_hours'], '.2f')} | [`{row['record']}`](benchmarks/results/"
                      f"fulldepth/{row['record']}) |")
-    standard = next(r for (s, c), r in full.items() if s == "standard" and not r["trainable_on_routed_experts"])
     for phase, card, mode in (("nf4-40GB", "40 GB (A100 40GB)", "NF4 routed experts, standard stack"),
                               ("nf4-24GB", "24 GB (L4, RTX 4090)", "NF4 experts and the other linears")):
         r = _qlora(phase)
         t, cap, held = r["train"], r["gpu_cap"]["cap_gib"], r["gpu_cap"]["allocated_at_start_gib"]
+        memory = t["training_memory"]
         same_rows = t["tokens_per_step"] == bf16["train"]["tokens_per_step"]
-        hours = (f"{EPOCH_TOKENS / (t['tokens_per_second'] / base * standard['tokens_per_second']) / 3600:.2f}"
-                 if same_rows else f"{EPOCH_TOKENS / t['tokens_per_second'] / 3600:.1f} or more")
+        as_full_depth = t["tokens_per_second"] / base * frozen["standard"]["tokens_per_second"]
+        hours = (f"{EPOCH_TOKENS / as_full_depth / 3600:.2f}" if same_rows
+                 else f"{EPOCH_TOKENS / t['tokens_per_second'] / 3600:.1f} or more")
         versus = f", {t['tokens_per_second'] / base:.2f}x bf16's {base:,.0f}" if same_rows else ""
         held = f" ({held:.1f} of it held from the bf16 run before)" if held > 0.5 else ""
         lines.append(f"| {card} | {mode}; GPU capped at {cap} GiB | {t['tokens_per_step']:,} | "
-                     f"{t['training_memory']['peak_allocated_gib']:.1f} / {t['training_memory']['peak_reserved_gib']:.1f}"
-                     f"{held} | {t['tokens_per_second']:,.0f} (fixed "
-                     f"{t['row_tokens']}-token rows{versus}) | {hours} | [`{r['file']}`](benchmarks/results/qlora/"
-                     f"{r['file']}) |")
+                     f"{memory['peak_allocated_gib']:.1f} / {memory['peak_reserved_gib']:.1f}{held} | "
+                     f"{t['tokens_per_second']:,.0f} (fixed {t['row_tokens']}-token rows{versus}) | {hours} | "
+                     f"[`{r['file']}`](benchmarks/results/qlora/{r['file']}) |")
     return "\n".join(lines)
 
 
@@ -412,24 +412,28 @@ def qlora_quality_table() -> str:
         f"| first-batch loss | {q['first_batch_loss']['bf16']:.4f} | {q['first_batch_loss']['nf4']:.4f} | "
         f"[`{q['file']}`](results/qlora/{q['file']}) |",
         f"| loss after {len(curves['bf16'])} steps | {curves['bf16'][-1]:.4f} | {curves['nf4'][-1]:.4f} | (same) |",
-        f"| routed-expert weight error (relative, one layer) | - | {q['expert_weight_error']['up_proj']:.4f} | (same) |",
+        f"| routed-expert weight error (relative, one layer) | - | {q['expert_weight_error']['up_proj']:.4f} "
+        "| (same) |",
         f"| first-batch LoRA gradient, cosine to bf16 | 1 | {g['cosine']:.3f} ({g['tensors_with_nonzero_gradient']} "
         f"B tensors) | (same) |",
         f"| loading a saved checkpoint in 4-bit, capped at {load['gpu_cap']['cap_gib']:.0f} GiB | - | "
         f"{load['seconds']:.1f} s, GPU peak {load['gpu_memory']['peak_reserved_gib']:.1f} GiB reserved, "
-        f"{load['cpu_ram']['peak_rssanon_gib']:.2f} GiB private CPU RAM | [`{load['file']}`](results/qlora/{load['file']}) |"])
+        f"{load['cpu_ram']['peak_rssanon_gib']:.2f} GiB private CPU RAM | "
+        f"[`{load['file']}`](results/qlora/{load['file']}) |"])
 
 
 def qlora_runs_table() -> str:
     """The two runs of benchmarks/qlora.py side by side: the earlier one still held the first MoE layer's bf16
     experts (2.4 GiB) through the capped phases."""
-    lines = ["| run | phase | held at start (GiB) | peak alloc / resv GiB | tokens/s | record |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| run | phase | held at start (GiB) | peak alloc / resv GiB | tokens/s | record |",
+             "|---|---|---:|---:|---:|---|"]
     for folder, run in (("qlora/held-experts", "earlier (experts still referenced)"), ("qlora", "README's")):
         for phase in ("bf16", "nf4-40GB", "nf4-24GB"):
             r = _qlora(phase, folder)
             t, start = r["train"], r["gpu_cap"]["allocated_at_start_gib"]
+            memory = t["training_memory"]
             lines.append(f"| {run} | {phase} | {start if phase != 'bf16' else '- (the model)'} | "
-                         f"{t['training_memory']['peak_allocated_gib']:.2f} / {t['training_memory']['peak_reserved_gib']:.2f}"
+                         f"{memory['peak_allocated_gib']:.2f} / {memory['peak_reserved_gib']:.2f}"
                          f" | {t['tokens_per_second']:,.0f} | [`{r['file']}`](results/{folder}/{r['file']}) |")
     return "\n".join(lines)
 
@@ -441,8 +445,9 @@ def notebooks_gpu_table() -> str:
     for name, base in (("bf16", "bf16"), ("nf4", "NF4 routed experts (`LOAD_IN_4BIT=true`)")):
         r = load_record(RESULTS / "notebooks-gpu" / f"{name}.json")
         hw, losses = r["hardware"], r["loss_history"]
-        lines.append(f"| {r['run_name']} | {base} | {'routed experts too' if r['config']['routed_experts'] else 'no routed experts'}"
-                     f" | {millions(r['trainable_parameters'])} | {r['steady_tokens_per_second']:,.0f} | {r['first_step_seconds']:.1f} s | "
+        lora = "routed experts too" if r["config"]["routed_experts"] else "no routed experts"
+        lines.append(f"| {r['run_name']} | {base} | {lora} | {millions(r['trainable_parameters'])} | "
+                     f"{r['steady_tokens_per_second']:,.0f} | {r['first_step_seconds']:.1f} s | "
                      f"{hw['peak_allocated_gib']:.1f} / {hw['peak_reserved_gib']:.1f} | {losses[0][1]:.3f} / "
                      f"{losses[-1][1]:.3f} | [`{name}.json`](benchmarks/results/notebooks-gpu/{name}.json) |")
     return "\n".join(lines)

@@ -108,9 +108,9 @@ def _check_gpu(need_gib, four_bit_gib=None) -> Check:
             return Check("GPU", True, f"{gpu}: too small for the bf16 weights (~{need_gib:.0f} GiB), enough for "
                                       f"the 4-bit ones (~{four_bit_gib:.0f} GiB)")
         smallest = four_bit_gib if four_bit_gib is not None else need_gib
+        allow = "" if four_bit_gib is not None else ", or allow 4-bit (LOAD_IN_4BIT / --set load_in_4bit=auto)"
         return Check("GPU", False, f"{gpu}; the weights alone need ~{smallest:.0f} GiB even in the smallest allowed "
-                     "mode", "use a larger card (or stop other processes on it: nvidia-smi)" + (
-                         "" if four_bit_gib is not None else ", or allow 4-bit (LOAD_IN_4BIT / --set load_in_4bit=auto)"))
+                     "mode", f"use a larger card (or stop other processes on it: nvidia-smi){allow}")
     return Check("GPU", True, f"{gpu}; bf16 weights need ~{need_gib or 0:.0f} GiB")
 
 
@@ -234,7 +234,8 @@ def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=
     config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
     if config.model_type != "nemotron_h":
         raise ValueError(f"{model_id} is a '{config.model_type}' model, but these helpers are for 'nemotron_h' "
-                         f"(Nemotron-H / Nemotron-3). Fix: use {DEFAULT_MODEL_ID} or the offline tiny model {TINY_MODEL}.")
+                         f"(Nemotron-H / Nemotron-3). Fix: use {DEFAULT_MODEL_ID} or the offline tiny model "
+                         f"{TINY_MODEL}.")
     on_gpu, start = torch.cuda.is_available(), time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         model_id, config=config, revision=revision, dtype=dtype or (torch.bfloat16 if on_gpu else torch.float32),

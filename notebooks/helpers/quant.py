@@ -156,7 +156,8 @@ def peak_ram_gib() -> float | None:
     with contextlib.suppress(ImportError):
         import resource
 
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(30 if sys.platform == "darwin" else 20), 1)
+        unit = 2**30 if sys.platform == "darwin" else 2**20
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)
 
 
 def merge_into_bf16(model_id, adapter_dir, revision=None, device_map=None):
