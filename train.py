@@ -102,13 +102,14 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         fastpath.check_versions(allow_other_versions=args.any_version)
         fastpath.prepare_process(fast)
         cfg = fastpath.fold_accumulation(cfg)
+    import torch
     from peft import PeftModel, get_peft_model
-    from transformers import set_seed
+    from transformers import AutoModelForCausalLM, set_seed
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     from helpers import evaluation, model, quant, training
-    from recipe import distributed, report
+    from recipe import cli, distributed, report
 
     distributed.init()  # several processes: join the group, claim GPU LOCAL_RANK (no-op for one process)
     main_process = distributed.is_main_process()
@@ -119,6 +120,7 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         tokenizer = model.load_tokenizer(cfg.model_id, cfg.revision)
         dataset, manifest = report.prepare_data(cfg, tokenizer, reuse=bool(args.like))
     val, evals, sharded = dataset["validation"], {}, distributed.fsdp_enabled()
+    preset = None if args.like else args.preset or cli.DEFAULT_PRESET  # for the closing report
 
     def score(llm, tokenizer, label):  # letter-score the validation split; outputs/eval/<run>-<label>.json
         return evaluation.evaluate(llm, tokenizer, val, f"{cfg.run_name}-{label}", limit=cfg.eval_limit,
@@ -162,10 +164,10 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         return None
     record_path = training.save_run_record(record, cfg.run_dir)
     if sharded:
-        return report.finish(cfg, record_path, manifest, evals, sharded=True, record=record)
+        return report.finish(cfg, record_path, manifest, evals, sharded=True, record=record, preset=preset)
     evals["adapter"] = score(peft_model, tokenizer, "adapter")
     del trainer, peft_model, base
-    model.free_memory()
+    free_memory()
 
     # The saved adapter, reloaded onto a fresh base of the precision it trained in, must give the same answers ...
     fresh, tokenizer = load(cfg.model_id, revision=cfg.revision)
@@ -173,16 +175,28 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
     evals["reloaded"] = score(reloaded, tokenizer, "reloaded")
     # ... and so must the merged model (LoRA folded into the base weights: no adapter at inference). A 4-bit run
     # merges into the bf16 weights, as QLoRA adapters are deployed: it differs by the 4-bit rounding of the base.
-    if precision == "nf4":
+    if precision == "nf4":  # the bf16 base as saved (dtype="auto"), on the GPU if it has room, else in CPU RAM
         del reloaded, fresh
-        model.free_memory()
-        merged = quant.merge_into_bf16(cfg.model_id, cfg.checkpoint_dir, revision=cfg.revision)
-    else:
-        merged = reloaded.merge_and_unload(safe_merge=True)
+        free_memory()
+        room = torch.cuda.is_available() and quant.gpu_gib() > model.WEIGHTS_GIB["bf16"] + 2
+        bf16_base = AutoModelForCausalLM.from_pretrained(cfg.model_id, revision=cfg.revision, dtype="auto",
+                                                         device_map={"": 0} if room else "cpu")
+        reloaded = PeftModel.from_pretrained(bf16_base, str(cfg.checkpoint_dir))
+    merged = reloaded.merge_and_unload(safe_merge=True)
     evals["merged"] = score(merged, tokenizer, "merged")
     if args.save_merged:
         model.save_merged(merged, tokenizer, Path(cfg.output_root) / "merged" / cfg.run_name)
-    return report.finish(cfg, record_path, manifest, evals, record=record)
+    return report.finish(cfg, record_path, manifest, evals, record=record, preset=preset)
+
+
+def free_memory() -> None:
+    """Give the memory of deleted models back (the real model is 59 GiB: never hold two)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ Several GPUs (one process each, through accelerate; --tokens-per-step is per GPU
 Variants (each runs in its own Python process; several --variant values run one after another):
   standard            train.py's LoRA (train.lora_config) and trainer (train.sft_config + SFTTrainer), Mamba kernels
   standard-nokernels  the same, with mamba_ssm / causal_conv1d hidden from transformers (reference PyTorch Mamba)
-  unsloth             `import unsloth` first, then notebook 04's helpers.unsloth_path.load_model + add_lora
-                      (FastLanguageModel.from_pretrained + get_peft_model), the same SFTConfig
+  unsloth             `import unsloth` first, then notebook 04's FastLanguageModel.from_pretrained and
+                      FastLanguageModel.get_peft_model (Unsloth's gradient checkpointing), the same SFTConfig
   fast                the standard model, LoRA and SFTConfig, with the fast path (fastpath: packing with Mamba
                       seq_idx and the other pieces of --fast-features) and --checkpointing POLICY (all, none,
                       mamba,moe, moe:N: only the first N MoE blocks recompute)

@@ -23,6 +23,14 @@ VARIANTS = ("standard", "standard-nokernels", "unsloth", "fast")
 GIB = 2**30
 
 
+def free_memory() -> None:
+    """Give the memory of deleted models back to the GPU."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def bench_tokenizer(model_path=None):
     """The model's tokenizer, or the tiny BPE tokenizer (random-weight runs only need its ids)."""
     if model_path:
@@ -90,7 +98,6 @@ def random_model_for_this_process(config, seed: int):
     `from_pretrained` leaves it under configs/fsdp.yaml. Sharding a model that is already on the GPU would hold
     the whole model and the shards at once (accelerate keeps the full state dict during `fully_shard`).
     """
-    from helpers.model import free_memory
     from recipe import distributed
 
     if not distributed.fsdp_enabled():
@@ -103,7 +110,6 @@ def random_model_for_this_process(config, seed: int):
 def save_random_model(arch: str, seed: int, root, tokenizer) -> Path:
     """Save the seeded random model of `arch` under `root` once (reused while config, seed and transformers
     match): Unsloth loads models from a folder only."""
-    from helpers.model import free_memory
     from helpers.training import library_versions
 
     config = arch_config(arch, tokenizer)
@@ -162,10 +168,9 @@ def random_lora_model(arch: str, seed: int, routed_experts: bool = False, dtype=
 def load_variant_model(variant: str, cfg, tokenizer, arch: str, model_path=None, tmp_dir=None):
     """(peft model, tokenizer, facts) for a variant: random weights of `arch` (or `model_path`), LoRA attached.
 
-    standard, standard-nokernels and fast: train.py's LoRA (`add_lora`). unsloth: notebook 04's code,
-    `helpers.unsloth_path.load_model` (FastLanguageModel.from_pretrained, bf16) + `add_lora`
-    (get_peft_model with Unsloth's gradient checkpointing); it loads from a folder, so a random model is saved
-    to `tmp_dir` first.
+    standard, standard-nokernels and fast: train.py's LoRA (`add_lora`). unsloth: notebook 04's cells,
+    `FastLanguageModel.from_pretrained` (bf16) + `FastLanguageModel.get_peft_model` (Unsloth's gradient
+    checkpointing); it loads from a folder, so a random model is saved to `tmp_dir` first.
     """
     from helpers.model import LORA_TARGET_MODULES, count_parameters, load_model
 
@@ -174,18 +179,21 @@ def load_variant_model(variant: str, cfg, tokenizer, arch: str, model_path=None,
     facts = {}
     start = time.perf_counter()
     if variant == "unsloth":
-        from helpers import unsloth_path
+        from unsloth import FastLanguageModel
 
         folder = model_path or save_random_model(arch, cfg.seed, tmp_dir, tokenizer)
-        model, tokenizer = unsloth_path.load_model(str(folder), max_length=cfg.max_length)
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(folder), max_seq_length=cfg.max_length, dtype=torch.bfloat16, load_in_4bit=False,
+            full_finetuning=False)
         facts["load_seconds"] = round(time.perf_counter() - start, 1)
         facts["base_counts"] = count_parameters(model)
-        torch.manual_seed(cfg.seed)
-        model = unsloth_path.add_lora(model, cfg)[0]
-        facts["lora"] = {"api": "helpers.unsloth_path.add_lora (FastLanguageModel.get_peft_model, "
-                                "use_gradient_checkpointing='unsloth')",
-                         "r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": list(LORA_TARGET_MODULES),
-                         "routed_experts_requested": None}
+        model = FastLanguageModel.get_peft_model(
+            model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=LORA_TARGET_MODULES, bias="none", use_gradient_checkpointing="unsloth",
+            random_state=cfg.seed)
+        facts["lora"] = {"api": "FastLanguageModel.get_peft_model(use_gradient_checkpointing='unsloth'), as "
+                                "notebook 04", "r": cfg.lora_r, "alpha": cfg.lora_alpha,
+                         "target_modules": list(LORA_TARGET_MODULES), "routed_experts_requested": None}
         return model, tokenizer, facts
     if model_path:
         model, tokenizer = load_model(model_path, device_map=distributed.device_map())

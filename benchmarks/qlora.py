@@ -204,14 +204,10 @@ def free_memory():
 
 @contextlib.contextmanager
 def cpu_loss():
-    """TRL's loss kernel needs CUDA: helpers.training's CPU stand-in on a CPU (either of its two spellings)."""
+    """TRL's loss kernel needs CUDA: helpers.training's CPU stand-in on a CPU."""
     from helpers import training
 
-    if hasattr(training, "cpu_loss_fallback"):
-        with training.cpu_loss_fallback():
-            yield
-    else:
-        training.use_cpu_loss_fallback()
+    with training.cpu_loss_fallback():
         yield
 
 

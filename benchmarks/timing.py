@@ -250,8 +250,8 @@ def run_budget(model, tokenizer, dist: dict, budget: int, *, cfg, steps: int, wa
     """
     from datasets import Dataset
 
+    from benchmarks.models import free_memory
     from helpers import training
-    from helpers.model import free_memory
     from recipe import distributed
 
     rows_per_step = max(1, round(budget / dist["mean_tokens"]))  # per process (= per GPU)

@@ -1,4 +1,5 @@
-"""The offline stand-ins: the real architecture's config, and a tiny random NemotronH with its own tokenizer.
+"""The offline stand-ins: the real architecture's config, a tiny random NemotronH with its own tokenizer, and a
+plain-PyTorch stand-in for TRL's CUDA-only loss kernel.
 
 The Hugging Face Hub is out of reach on CI machines (and on planes), so every step of the tutorial can run
 on a ~400k-parameter model with every block type of the real one, saved as an ordinary model folder. Built on
@@ -136,3 +137,22 @@ def build_tiny_model(out_dir=TINY_MODEL_DIR, texts=None, seed: int = 0, overwrit
     tokenizer.save_pretrained(out_dir)
     print(f"Tiny NemotronH ({sum(p.numel() for p in model.parameters()):,} parameters) saved to {out_dir}")
     return out_dir
+
+
+class TorchLogProb:
+    """TRL's chunked log-prob kernel (Triton, CUDA only) computed the plain way, for CPUs; autograd does the
+    backward. helpers.training.cpu_loss_fallback puts it in TRL's place for the length of a `with` block."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+        z = (hidden @ weight.t() + (bias if bias is not None else 0)).float() * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        logp = torch.log_softmax(z / temperature, dim=-1)
+        target_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
+        z = z / temperature
+        return (target_logp,
+                -(logp.exp() * logp).sum(-1) if "entropy" in outputs else None,
+                torch.logsumexp(2 * logp, -1).detach() if "log_sum_sq_probs" in outputs else None,
+                z.mean(-1).detach() if "mean_logits" in outputs else None,
+                (z.argmax(-1) == targets).detach() if "is_top1" in outputs else None)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from helpers.config import DEFAULT_MODEL_ID, TrainConfig
 from helpers.notebook import resolve_path
-from recipe.presets import PRESETS
 
 LABELS = {"base": "base", "adapter": "adapter", "reloaded": "reloaded adapter", "merged": "merged model"}
 
@@ -49,14 +48,6 @@ def prepare_data(cfg: TrainConfig, tokenizer, reuse: bool = False):
 
 
 # ---------------------------------------------------------------- the report
-
-def preset_of(cfg: TrainConfig) -> str | None:
-    """The preset this config most likely came from (by its run name), or None (--like, or renamed)."""
-    for name, (_, overrides) in PRESETS.items():
-        if cfg.run_name == overrides.get("run_name", TrainConfig.run_name):
-            return name
-    return None
-
 
 def is_tiny(cfg: TrainConfig) -> bool:
     """True for the tiny random stand-in (or another small local model): accuracy measures plumbing, not medicine."""
@@ -120,12 +111,13 @@ def _files(cfg: TrainConfig, record_path: Path, evals: dict) -> dict:
 
 
 def finish(cfg: TrainConfig, record_path, manifest: dict, evals: dict, sharded: bool = False,
-           record: dict | None = None) -> dict:
+           record: dict | None = None, preset: str | None = None) -> dict:
     """Write `<run_dir>/summary.json` and print a short report; returns the summary.
 
     `record_path` is the run record (metrics.json) the report quotes; `record` is the record this process has
     just built: when it trained no step (the run was already finished), its kept record speaks instead, and
-    the report says so. `sharded=True` (FSDP): no scores, and how to score the adapter.
+    the report says so. `sharded=True` (FSDP): no scores, and how to score the adapter. `preset`: the preset the
+    run started from (None: an earlier run's config, --like).
     """
     from helpers import evaluation
 
@@ -134,7 +126,7 @@ def finish(cfg: TrainConfig, record_path, manifest: dict, evals: dict, sharded: 
     agreement = {label: evaluation.compare_answers(evals["adapter"], evals[label])
                  for label in ("reloaded", "merged") if label in evals and "adapter" in evals}
     summary = {
-        "run": cfg.run_name, "preset": preset_of(cfg), "model": cfg.model_id, "stack": kept.get("stack"),
+        "run": cfg.run_name, "preset": preset, "model": cfg.model_id, "stack": kept.get("stack"),
         "already_finished": already_finished, "steps": kept["steps"], "rows_trained": kept.get("samples"),
         "tokens": kept["tokens"], "wall_seconds": kept["wall_seconds"],
         "tokens_per_second": kept.get("steady_tokens_per_second"), "final_loss": kept.get("final_loss"),
@@ -179,7 +171,7 @@ def report_lines(cfg, summary, kept, evals, agreement, files) -> list[str]:
     else:
         resumed = f", resumed from {Path(kept['resumed_from']).name}" if kept.get("resumed_from") else ""
         lines.append(f"{cfg.run_name} done{engine}{resumed}: {trained}.")
-    preset = f"preset {summary['preset']}" if summary["preset"] else "the config of an earlier run"
+    preset = f"preset {summary['preset']}" if summary["preset"] else "the config of an earlier run (--like)"
     rows = ", ".join(f"{n:,} {split}" for split, n in summary["data_rows"].items())
     source = (f"the synthetic code-word task ({shown(synthetic_dir(cfg))})" if cfg.data_source == "synthetic"
               else shown_id(cfg.data_source))
@@ -190,7 +182,7 @@ def report_lines(cfg, summary, kept, evals, agreement, files) -> list[str]:
         lines.append(f"Accuracy on {n} validation questions: {chain}")
         for label, comparison in agreement.items():
             lines.append(f"  {LABELS[label]} {_percent(evals[label])}, same answers as the trained adapter: "
-                         f"{evaluation.describe_comparison(comparison)}")
+                         f"{comparison['text']}")
         lines.append(meaning(cfg, evals))
     if summary.get("evaluation"):
         lines.append(f"Scoring {summary['evaluation']}. To score the adapter on one GPU that holds the model "

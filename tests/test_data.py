@@ -187,10 +187,6 @@ def test_test_split_is_unlabelled_and_refused():
     assert not report.labelled and report.kept == 2
     ex = data.format_example(clean[0])
     assert ex["prompt"].endswith("Answer:") and ex["completion"] == ""
-    with pytest.raises(data.UnlabelledSplitError, match="validation"):
-        data.require_labelled("test")
-    with pytest.raises(data.UnlabelledSplitError):
-        data.require_labelled("validation", [{"cop": -1}])
 
 
 # ---------------------------------------------------------------- cop numbering

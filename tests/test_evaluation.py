@@ -114,7 +114,7 @@ def test_compare_answers_reports_flips_and_how_close_they_were():
     assert same["same"] and same["flipped"] == 0 and same["largest_score_difference"] == pytest.approx(0.01)
     near_tie = evaluation.compare_answers(first, scoring([2.0, 1.0, 0.0, 0.0], [0.49, 0.50, 0.0, 0.0]))
     assert not near_tie["same"] and near_tie["flipped"] == 1 and near_tie["flipped_margins"] == [pytest.approx(0.01)]
-    assert "1 of 2 flipped" in evaluation.describe_comparison(near_tie)
+    assert near_tie["text"].startswith("False (1 of 2 flipped") and same["text"].startswith("True")
     with pytest.raises(ValueError, match="same questions"):
         evaluation.compare_answers(first, scoring([2.0, 1.0, 0.0, 0.0]))
 

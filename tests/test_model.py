@@ -286,5 +286,6 @@ def test_gpu_check_knows_the_4bit_fallback(monkeypatch, total_gib, load_in_4bit,
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (total_gib * mh.GIB * 0.95, total_gib * mh.GIB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     allow = str(load_in_4bit).lower() != "false"
-    check = mh._check_gpu(mh.DEFAULT_MODEL_GIB, mh.DEFAULT_MODEL_GIB * mh.NF4_SHARE if allow else None)
+    bf16 = mh.WEIGHTS_GIB["bf16"]
+    check = mh._check_gpu(bf16, bf16 * mh.NF4_SHARE if allow else None)
     assert check.ok is ok and words in f"{check.message} {check.fix}"

@@ -57,22 +57,10 @@ def sft_train(model, tokenizer, out_dir, steps: int):
                      logging_steps=1, completion_only_loss=True, max_length=64, gradient_checkpointing=True,
                      gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no", report_to=[],
                      disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False)
-    fallback = getattr(training, "cpu_loss_fallback", None)
-    with fallback() if fallback else _called(training.use_cpu_loss_fallback):
+    with training.cpu_loss_fallback():
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(ROWS), processing_class=tokenizer)
         trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-class _called:  # the older spelling of helpers.training's CPU loss stand-in: a function to call once
-    def __init__(self, function):
-        function()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def lora(model):
@@ -238,12 +226,14 @@ def test_sft_trainer_trains_the_4bit_model(trained):
 
 
 def test_adapter_merges_into_the_full_precision_base(trained, full):
-    merged = quant.merge_into_bf16(TINY, trained["adapter"])
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(TINY, dtype="auto", device_map="cpu")  # as notebook 03's merge cell
+    merged = PeftModel.from_pretrained(base, str(trained["adapter"])).merge_and_unload(safe_merge=True)
     assert not any("lora_" in n or "parametrizations" in n for n, _ in merged.named_parameters())
     assert {p.dtype for p in merged.parameters()} == {torch.float32}  # the tiny checkpoint's own dtype
     ids = torch.randint(4, 2000, (4, 48), generator=torch.Generator().manual_seed(0))
-    from peft import PeftModel
-
     on_full = PeftModel.from_pretrained(full, str(trained["adapter"]))
     with torch.no_grad():
         assert (merged(input_ids=ids).logits - on_full(input_ids=ids).logits).abs().max() < 1e-5  # merging is exact

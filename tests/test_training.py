@@ -13,9 +13,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from helpers import data, evaluation, model, training
 from helpers.config import TrainConfig
-from recipe import cli
-from recipe.presets import PRESETS
+from recipe import cli, offline
 from recipe.offline import build_tiny_model
+from recipe.presets import PRESETS
 
 
 def read_record(run_dir) -> dict:
@@ -124,7 +124,7 @@ def test_cpu_loss_fallback_puts_trls_kernel_back_on_any_exit():
 
     original = trl_utils._ChunkedLogProbFunction
     with pytest.raises(KeyboardInterrupt), training.cpu_loss_fallback() as active:  # a learner stopping the cell
-        assert active and trl_utils._ChunkedLogProbFunction is training._TorchLogProb
+        assert active and trl_utils._ChunkedLogProbFunction is offline.TorchLogProb
         raise KeyboardInterrupt
     assert trl_utils._ChunkedLogProbFunction is original
 
@@ -226,6 +226,7 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path, capsys):
     base, adapter = (f"{summary['accuracy'][k]['accuracy']:.1%}" for k in ("base", "adapter"))
     assert f"Accuracy on 16 validation questions: base {base} -> adapter {adapter}" in text
     assert "RANDOM" in text and "plumbing" in text and "noise" in text
+    assert summary["preset"] == "smoke" and "preset smoke" in text
     for name in ("adapter", "run record", "loss plot", "summary"):
         assert str(Path(names[name]).name) in text
 

@@ -219,14 +219,6 @@ def remove_leakage(train: list[dict], validation: list[dict]) -> tuple[list[dict
     return [row for row in train if key(row["question"]) not in by_key], leaks
 
 
-def require_labelled(split: str, rows=None) -> None:
-    """Refuse to train on or score the test split: its answers are hidden (cop = -1)."""
-    if split == "test" if rows is None else any(r.get("cop", -1) == -1 for r in rows):
-        raise UnlabelledSplitError(
-            f"The MedMCQA {split} split has no answers (cop = -1), so it cannot be trained on or scored. "
-            "Use the 'validation' split to measure accuracy.")
-
-
 def format_prompt(row: dict) -> str:
     """lm-evaluation-harness's `medmcqa` prompt, built from the raw strings (module docstring: why)."""
     choices = "".join(f"{letter}. {row[key]}\n" for letter, key in zip(LETTERS, OPTION_KEYS))

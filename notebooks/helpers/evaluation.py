@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import LETTERS, letter_baselines, require_labelled
+from .data import LETTERS, UnlabelledSplitError, letter_baselines
 from .model import pad_id
 
 EVAL_DIR = Path(__file__).resolve().parents[2] / "outputs" / "eval"
@@ -63,30 +63,25 @@ def compare_answers(first: dict, second: dict) -> dict:
     `same`: every question gets the same letter. `largest_score_difference`: how far apart the two runs' letter
     scores are at most. Other code paths or bf16 rounding move scores a little, which can flip a question whose two
     best letters are closer than that (`flipped_margins`): a flip with a tiny margin is rounding, not a change.
+    `text` says all this in one line.
     """
     a, b = first["predictions"], second["predictions"]
     if [p["id"] for p in a] != [p["id"] for p in b]:
         raise ValueError("compare_answers needs two scorings of the same questions in the same order "
                          "(evaluate both with the same dataset, split and limit).")
-    diffs = [max(abs(x - y) for x, y in zip(p["letter_logits"], q["letter_logits"])) for p, q in zip(a, b)]
-    flipped = [(p, q) for p, q in zip(a, b) if p["pred"] != q["pred"]]
 
     def margin(p):  # score of the best letter minus the second best
         top = sorted(p["letter_logits"], reverse=True)
         return top[0] - top[1]
 
-    return {"same": not flipped, "questions": len(a), "flipped": len(flipped),
-            "largest_score_difference": round(max(diffs, default=0.0), 4),
-            "flipped_margins": [round(min(margin(p), margin(q)), 4) for p, q in flipped]}
-
-
-def describe_comparison(comparison: dict) -> str:
-    """One line for `compare_answers`: 'True' or 'False (1 of 16 flipped; ...)'."""
-    difference = f"letter scores differ by at most {comparison['largest_score_difference']}"
-    if comparison["same"]:
-        return f"True ({difference})"
-    return (f"False ({comparison['flipped']} of {comparison['questions']} flipped; {difference}; the flipped "
-            f"questions' two best letters were {comparison['flipped_margins']} apart)")
+    diffs = [max(abs(x - y) for x, y in zip(p["letter_logits"], q["letter_logits"])) for p, q in zip(a, b)]
+    flipped = [round(min(margin(p), margin(q)), 4) for p, q in zip(a, b) if p["pred"] != q["pred"]]
+    largest = round(max(diffs, default=0.0), 4)
+    text = f"letter scores differ by at most {largest}"
+    text = (f"False ({len(flipped)} of {len(a)} flipped; {text}; the flipped questions' two best letters were "
+            f"{flipped} apart)") if flipped else f"True ({text})"
+    return {"same": not flipped, "questions": len(a), "flipped": len(flipped), "largest_score_difference": largest,
+            "flipped_margins": flipped, "text": text}
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -132,7 +127,9 @@ def evaluate(model, tokenizer, dataset, name: str, split: str = "validation", li
              batch_size: int = 8, out_dir: str | Path = EVAL_DIR, progress: bool = True) -> dict:
     """Letter-score `dataset` (a formatted split), print a summary and write `<out_dir>/<name>.json`."""
     rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
-    require_labelled(split, [{"cop": -1 if not r.get("answer") else 0} for r in rows])
+    if any(not r.get("answer") for r in rows):
+        raise UnlabelledSplitError(f"The MedMCQA {split} split has no answers (cop = -1), so it cannot be scored. "
+                                   "Use the 'validation' split to measure accuracy.")
     start, rows = time.perf_counter(), rows[:limit] if limit else rows
     predictions = predict_letters(model, tokenizer, rows, batch_size, progress)
     result = {"name": name, "split": split, "limit": limit, **summarize(predictions),

@@ -20,8 +20,10 @@ import torch
 from .config import DEFAULT_MODEL_ID, TINY_MODEL
 
 GIB = 2**30
-# Measured: the bf16 weights take ~59 GiB on the GPU (31.58B x 2 bytes); with NF4 routed experts (quant.py) 19.6.
-DEFAULT_MODEL_GIB, NF4_SHARE = 59.0, 19.6 / 58.9
+# GiB of weights of the default model: bf16 (31.58B x 2 bytes), and with NF4 routed experts (quant.py), counted
+# from the shapes; the NF4 share also sizes the 4-bit fallback of other checkpoints in the pre-flight GPU check.
+WEIGHTS_GIB = {"bf16": 58.8, "NF4 routed experts": 19.5, "NF4 experts and linears": 16.5}
+NF4_SHARE = WEIGHTS_GIB["NF4 routed experts"] / WEIGHTS_GIB["bf16"]
 
 
 @dataclass
@@ -73,29 +75,19 @@ def fast_kernels_status() -> dict:
     return status
 
 
-def estimate_weights_gib(model_id: str = DEFAULT_MODEL_ID) -> float | None:
-    """GiB of bf16 weights of `model_id`, counted from its config; None if it can't be read."""
+def _weights_gib(model_id: str) -> float | None:
+    """GiB of weights: measured for the default model, the *.safetensors on disk for a local folder (the tiny
+    model, a merged one), else None (unknown, not checked)."""
     if model_id == DEFAULT_MODEL_ID:
-        return DEFAULT_MODEL_GIB
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_id))
-        return sum(p.numel() for p in model.parameters()) * 2 / GIB
-    except Exception:
-        return None
-
-
-def _is_small(need_gib) -> bool:
-    """True for models that run on CPU, like the tiny offline one."""
-    return need_gib is not None and need_gib < 1
+        return WEIGHTS_GIB["bf16"]
+    files = list(Path(model_id).glob("*.safetensors")) if Path(model_id).is_dir() else []
+    return sum(f.stat().st_size for f in files) / GIB if files else None
 
 
 def _check_gpu(need_gib, four_bit_gib=None) -> Check:
     """Is there a GPU with enough free memory for the bf16 weights, or else (when allowed) the 4-bit ones?"""
     if not torch.cuda.is_available():
-        if _is_small(need_gib):
+        if need_gib is not None and need_gib < 1:
             return Check("GPU", True, "no GPU: fine for the offline tiny model only")
         size = f" with ~{need_gib:.0f} GiB free" if need_gib else ""
         return Check("GPU", False, f"no GPU: this model needs a CUDA GPU{size} for its weights",
@@ -111,7 +103,7 @@ def _check_gpu(need_gib, four_bit_gib=None) -> Check:
         allow = "" if four_bit_gib is not None else ", or allow 4-bit (LOAD_IN_4BIT / --set load_in_4bit=auto)"
         return Check("GPU", False, f"{gpu}; the weights alone need ~{smallest:.0f} GiB even in the smallest allowed "
                      "mode", f"use a larger card (or stop other processes on it: nvidia-smi){allow}")
-    return Check("GPU", True, f"{gpu}; bf16 weights need ~{need_gib or 0:.0f} GiB")
+    return Check("GPU", True, gpu + (f"; bf16 weights need ~{need_gib:.0f} GiB" if need_gib else ""))
 
 
 def _existing_parent(path) -> Path:
@@ -144,7 +136,7 @@ def _check_kernels(need_gib) -> Check:
     if status["fast_path"]:
         versions = f"mamba_ssm {status['mamba_ssm']}, causal_conv1d {status['causal_conv1d']}"
         return Check("Mamba kernels", True, f"fused kernels in use ({versions})")
-    if _is_small(need_gib):
+    if need_gib is not None and need_gib < 1:
         return Check("Mamba kernels", True, "reference PyTorch Mamba path: fine for the tiny model")
     missing = ", ".join(f"no {n}" for n in ("mamba_ssm", "causal_conv1d", "cuda") if not status[n])
     return Check("Mamba kernels", False, f"NO FAST MAMBA KERNELS ({missing or 'installed but failed to import'}). "
@@ -160,7 +152,7 @@ def preflight(model_id=DEFAULT_MODEL_ID, need_gib=None, shards=1, load_in_4bit="
     holding its share. `load_in_4bit` ("auto", "true", "false"): may a card too small for bf16 use NF4 experts?"""
     model_id = str(model_id)
     _build_tiny_if_missing(model_id)  # the offline tiny model is made on first use, as load_model does
-    need_gib = estimate_weights_gib(model_id) if need_gib is None else need_gib
+    need_gib = _weights_gib(model_id) if need_gib is None else need_gib
     share = need_gib / shards if need_gib is not None else None
     checks = []
     for name, check, args in [
@@ -214,36 +206,24 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def free_memory() -> None:
-    """Give freed memory back (call after `del`: the real model is 59 GiB, never hold two)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def load_model(model_id=DEFAULT_MODEL_ID, revision=None, dtype=None, device_map=None, attn_implementation=None):
-    """(model, tokenizer) of a NemotronH checkpoint with transformers' built-in code (no remote code): bfloat16 on
-    this GPU, float32 on a CPU. `device_map` places it elsewhere (train.py: the CPU under FSDP), never "auto": no
-    silent offloading to the CPU."""
+def load_model(model_id=DEFAULT_MODEL_ID, revision=None, device_map=None):
+    """(model, tokenizer) as notebook 02's loading cell makes them, with transformers' built-in code (no remote
+    code): bfloat16 on this GPU, float32 on a CPU. `device_map` places it elsewhere (train.py: the CPU under FSDP),
+    never "auto": no silent offloading to the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_id = str(model_id)
-    _build_tiny_if_missing(model_id)
-    config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+    _build_tiny_if_missing(str(model_id))
+    config = AutoConfig.from_pretrained(str(model_id), revision=revision, trust_remote_code=False)
     if config.model_type != "nemotron_h":
         raise ValueError(f"{model_id} is a '{config.model_type}' model, but these helpers are for 'nemotron_h' "
                          f"(Nemotron-H / Nemotron-3). Fix: use {DEFAULT_MODEL_ID} or the offline tiny model "
                          f"{TINY_MODEL}.")
-    on_gpu, start = torch.cuda.is_available(), time.perf_counter()
+    gpu, start = torch.cuda.is_available(), time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        model_id, config=config, revision=revision, dtype=dtype or (torch.bfloat16 if on_gpu else torch.float32),
-        device_map=device_map or ({"": torch.cuda.current_device()} if on_gpu else None),
-        attn_implementation=attn_implementation, trust_remote_code=False)
-    tokenizer = load_tokenizer(model_id, revision)
+        str(model_id), config=config, revision=revision, dtype=torch.bfloat16 if gpu else torch.float32,
+        device_map=device_map or ({"": torch.cuda.current_device()} if gpu else None))
     print(f"Loaded {model_id} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s")
-    return model, tokenizer
+    return model, load_tokenizer(model_id, revision)
 
 
 BLOCK_KINDS = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "dense_mlp"}

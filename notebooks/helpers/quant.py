@@ -1,9 +1,9 @@
 """4-bit (QLoRA) loading for notebooks 02-03 and train.py, where the bf16 model does not fit the GPU:
-`choose_precision` picks bf16 or NF4; `load_model_4bit` quantizes the routed experts (29.4B of the 31.6B
-parameters) to NF4 as `from_pretrained` sets them, so the bf16 model is never whole on the GPU (on a 24 GB card the
-other linears too); `LORA_TARGETS_4BIT` and `check_lora_config` keep LoRA where 4-bit can carry it;
-`merge_into_bf16` folds the adapter into the bf16 weights. No `prepare_model_for_kbit_training`: TRL already enables
-input gradients for checkpointing, and that step would copy the 2.2B unquantized parameters to float32 (+4 GiB).
+`choose_precision` picks bf16 or NF4; `load_model_4bit` quantizes the routed experts (29.4B of the 31.6B parameters)
+to NF4 as `from_pretrained` sets them, so the bf16 model is never whole on the GPU (on a 24 GB card the other
+linears too); `LORA_TARGETS_4BIT` and `check_lora_config` keep LoRA where 4-bit can carry it. No
+`prepare_model_for_kbit_training`: TRL already enables input gradients for checkpointing, and that step would copy
+the 2.2B unquantized parameters to float32 (+4 GiB).
 """
 
 from __future__ import annotations
@@ -16,20 +16,20 @@ from unittest import mock
 
 import torch
 
-from .model import DEFAULT_MODEL_ID, GIB, LORA_TARGET_MODULES, _version, load_tokenizer
+from .model import DEFAULT_MODEL_ID, GIB, LORA_TARGET_MODULES, WEIGHTS_GIB, _version, load_tokenizer
 
 EXPERT_PARAMETERS = ("up_proj", "down_proj")  # NemotronHExperts' fused (experts, out, in) tensors
-# bf16 needs its weights (58.9 GiB), the training peak above them (8,192 tokens/step, H100: 67.5 GiB reserved, so
-# 8.6) and ~1.5 GiB of CUDA context and margin: 69 GiB; an "80 GB" card has 79.2. NF4 experts peaked at 26.9 GiB
-# (4,096 tokens/step): below 30 GiB (24 GB cards) the other linears go to NF4 too, with double quantization.
+# bf16 training needs the loaded model (58.9 GiB allocated), the peak above it (8.6 GiB at 8,192 tokens/step on an
+# H100) and ~1.5 GiB of CUDA context: 69 GiB (an "80 GB" card has 79.2). NF4 experts peaked at 26.9 GiB (4,096
+# tokens/step), so below 30 GiB (24 GB cards) the other linears go to NF4 too, with double quantization.
 BF16_MIN_GIB, ALL_LINEARS_BELOW_GIB = 58.9 + 8.6 + 1.5, 30.0
-WEIGHTS_GIB = {"bf16": 58.8, "NF4 routed experts": 19.5, "NF4 experts and linears": 16.5}  # from the shapes
 # Never quantized: the fused Mamba kernel reads out_proj's weight itself; conv1d, the router and the LM head are
 # small and sensitive (conv1d and the router are not nn.Linear anyway).
 KEEP_BF16 = ["out_proj", "conv1d", "gate", "lm_head"]
 # helpers.model.LORA_TARGET_MODULES as a regex that skips `experts.parametrizations.up_proj` (the NF4 container,
 # which PEFT would match by its name and refuse); on a bf16 model it selects exactly the same modules.
 LORA_TARGETS_4BIT = r"^(?!.*\.parametrizations\.).*\.(" + "|".join(LORA_TARGET_MODULES) + r")$"
+VERIFIED_TRANSFORMERS = "5.17.0"  # the loading internals patched below, checked with this version
 
 
 def require_bitsandbytes() -> str:
@@ -38,8 +38,8 @@ def require_bitsandbytes() -> str:
     if version is None or tuple(int(x) for x in version.split(".")[:2]) < (0, 50):
         raise RuntimeError(f"4-bit loading needs bitsandbytes >= 0.50 (found: {version or 'not installed'}; 0.50 "
                            "fixed a leak of dequantized weights under gradient checkpointing). Fix: run through "
-                           "`./run ...`, which syncs requirements.lock (it pins bitsandbytes 0.50.2), and restart "
-                           "Python, or load in bf16.")
+                           "`./run ...`, which syncs requirements.lock (bitsandbytes 0.50.2), restart Python, or "
+                           "load in bf16.")
     return version
 
 
@@ -84,12 +84,17 @@ def check_lora_config(config) -> None:
 @contextlib.contextmanager
 def _experts_to_nf4_on_arrival(double_quant: bool):
     """Quantize each routed-expert stack the moment transformers sets it on its module (a torch parameter-
-    registration hook): one bf16 stack (1.2 GiB at full size) waits on the GPU at a time."""
+    registration hook): one bf16 stack (1.2 GiB at full size) waits on the GPU at a time. Inside the block, two of
+    transformers' loading internals are patched (restored on exit): one tensor at a time (a loading thread pool
+    would run ahead with bf16 copies), and no allocator warm-up (it would reserve the bf16 size of every weight)."""
     import bitsandbytes.functional as bnb_functional
     from bitsandbytes.nn.parametrize import replace_parameter_4bit_prequantized
     from torch.nn.modules.module import register_module_parameter_registration_hook
-    from transformers import modeling_utils
+    from transformers import __version__, modeling_utils
 
+    if __version__ != VERIFIED_TRANSFORMERS or not hasattr(modeling_utils, "caching_allocator_warmup"):
+        print(f"Note: 4-bit loading was checked with transformers {VERIFIED_TRANSFORMERS}, this is {__version__}: "
+              "if loading runs out of memory, use the locked stack (`./run ...`).")
     arrived = []
 
     def quantize(module, name, param):
@@ -105,11 +110,9 @@ def _experts_to_nf4_on_arrival(double_quant: bool):
         return packed
 
     handle = register_module_parameter_registration_hook(quantize)
-    # One tensor at a time (a loading thread pool would run ahead with bf16 copies), and no allocator warm-up
-    # (transformers would reserve the bf16 size of every weight bound for the GPU: ~57 GiB here).
     try:
         with mock.patch.dict(os.environ, {"HF_DEACTIVATE_ASYNC_LOAD": "1"}), \
-                mock.patch.object(modeling_utils, "caching_allocator_warmup", lambda *args, **kwargs: None):
+                mock.patch.object(modeling_utils, "caching_allocator_warmup", lambda *a, **k: None, create=True):
             yield arrived
     finally:
         handle.remove()
@@ -120,8 +123,9 @@ def _experts_to_nf4_on_arrival(double_quant: bool):
 def load_model_4bit(model_id=DEFAULT_MODEL_ID, revision=None, all_linears="auto", **from_pretrained):
     """(model, tokenizer) like helpers.model.load_model, the routed experts in NF4 (bf16 on this GPU, float32 on a
     CPU). `all_linears` (the 24 GB mode; "auto": below ALL_LINEARS_BELOW_GIB): attention, Mamba in_proj and shared
-    experts in NF4 too. Prints the time, GPU memory and peak CPU RAM (ru_maxrss: it counts checkpoint pages read
-    through mmap). `model_id=None` builds from `config=` and `state_dict=` (the benchmark), without a tokenizer."""
+    experts in NF4 too. Prints the time, the tensors quantized, GPU memory and peak CPU RAM (it
+    counts checkpoint pages read through mmap). `model_id=None` builds from `config=` and `state_dict=` (the
+    benchmark), without a tokenizer."""
     require_bitsandbytes()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, NemotronHForCausalLM
 
@@ -144,31 +148,18 @@ def load_model_4bit(model_id=DEFAULT_MODEL_ID, revision=None, all_linears="auto"
     for module in () if gpu else model.modules():      # bitsandbytes' CPU inference repacking needs
         if hasattr(module, "support_avx512bf16_for_cpu"):  # out_features % 32 == 0 (the tiny in_proj has 328)
             module.support_avx512bf16_for_cpu = False
-    print(f"Loaded {model_id} in {time.perf_counter() - start:.1f} s: routed experts in NF4"
+    print(f"Loaded {model_id} in {time.perf_counter() - start:.1f} s: {len(arrived)} routed-expert tensors in NF4"
           f"{', other linears too' if all_linears else ''}"
-          f"{f', GPU {torch.cuda.memory_allocated() / GIB:.1f} GiB allocated' if gpu else ''}, "
-          f"peak CPU RAM of this process {peak_ram_gib()} GiB")
+          f"{f', GPU {torch.cuda.memory_allocated() / GIB:.1f} GiB allocated' if gpu else ''}, peak CPU RAM of "
+          f"this process {_peak_ram_gib()} GiB")
     return model, tokenizer
 
 
-def peak_ram_gib() -> float | None:
-    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS), GiB; None on Windows."""
-    with contextlib.suppress(ImportError):
+def _peak_ram_gib() -> float | str:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS), in GiB."""
+    try:
         import resource
-
-        unit = 2**30 if sys.platform == "darwin" else 2**20
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)
-
-
-def merge_into_bf16(model_id, adapter_dir, revision=None, device_map=None):
-    """The deployable model: the unquantized base (bf16 as saved; the tiny model float32) with the adapter merged.
-    It costs what bf16 costs: ~59 GiB of memory (the GPU if it has room, else CPU RAM) and of disk to save it. It
-    differs from the trained 4-bit model by the frozen weights' quantization error, which the adapter was trained
-    against (~6% of the logits' norm on the tiny model: tests/test_quant.py)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    room = (gpu_gib() or 0) > WEIGHTS_GIB["bf16"] + 2
-    device_map = device_map or ({"": torch.cuda.current_device()} if room else "cpu")
-    base = AutoModelForCausalLM.from_pretrained(str(model_id), revision=revision, dtype="auto", device_map=device_map)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
+    except ImportError:  # Windows
+        return "n/a"
+    unit = 2**30 if sys.platform == "darwin" else 2**20
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)

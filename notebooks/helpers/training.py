@@ -1,6 +1,6 @@
 """Notebook 03's bookkeeping around TRL's `SFTTrainer` (train.py and notebook 04 use it too): a callback that times
-every step, the CPU stand-in for TRL's CUDA-only loss kernel, and the run record (`outputs/runs/<run>/metrics.json`)
-with the one definition of "steady" speed that notebook 04 and the benchmark read.
+every step, the switch to a CPU stand-in for TRL's CUDA-only loss kernel, and the run record
+(`outputs/runs/<run>/metrics.json`) with the one definition of "steady" speed that notebook 04 and the benchmark read.
 """
 
 from __future__ import annotations
@@ -54,35 +54,20 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-class _TorchLogProb:
-    """TRL's chunked log-prob kernel (CUDA only) computed the plain way, for CPUs; autograd does the backward."""
-
-    @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
-        z = (hidden @ weight.t() + (bias if bias is not None else 0)).float() * logit_scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        logp = torch.log_softmax(z / temperature, dim=-1)
-        target_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
-        z = z / temperature
-        return (target_logp,
-                -(logp.exp() * logp).sum(-1) if "entropy" in outputs else None,
-                torch.logsumexp(2 * logp, -1).detach() if "log_sum_sq_probs" in outputs else None,
-                z.mean(-1).detach() if "mean_logits" in outputs else None,
-                (z.argmax(-1) == targets).detach() if "is_top1" in outputs else None)
-
-
 @contextlib.contextmanager
 def cpu_loss_fallback():
-    """Without CUDA, use `_TorchLogProb` for TRL's loss inside the block, and put TRL's kernel back after; on a GPU
-    it changes nothing. Checked with trl 1.15.0 (`trl.trainer.utils._ChunkedLogProbFunction`)."""
+    """Without CUDA (the offline tiny model), swap TRL's loss kernel (Triton: CUDA only) inside the block for its
+    plain-PyTorch stand-in in recipe/offline.py, and put it back on any exit; on a GPU it changes nothing. Checked
+    with trl 1.15.0 (`trl.trainer.utils._ChunkedLogProbFunction`)."""
     import trl.trainer.utils as trl_utils
 
     if torch.cuda.is_available() or not hasattr(trl_utils, "_ChunkedLogProbFunction"):
         yield False
-    else:
-        with mock.patch.object(trl_utils, "_ChunkedLogProbFunction", _TorchLogProb):
-            yield True
+        return
+    from recipe.offline import TorchLogProb
+
+    with mock.patch.object(trl_utils, "_ChunkedLogProbFunction", TorchLogProb):
+        yield True
 
 
 def steady(steps: list[dict], skip: int = WARMUP_STEPS) -> dict:
