@@ -439,10 +439,12 @@ def qlora_runs_table() -> str:
 
 
 def notebooks_gpu_table() -> str:
-    """Notebook 03 as committed, run on a GPU in bf16 and in 4-bit (run records under results/notebooks-gpu/)."""
+    """Notebook 03 run on a GPU in bf16 and in 4-bit, and in 4-bit again once its merge cell made the library calls
+    itself (run records under results/notebooks-gpu/)."""
     lines = ["| run | base | LoRA | trainable | tokens/s after 2 warm-up steps | first step | peak GiB (alloc / resv) "
              "| loss step 1 / last | record |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for name, base in (("bf16", "bf16"), ("nf4", "NF4 routed experts (`LOAD_IN_4BIT=true`)")):
+    for name, base in (("bf16", "bf16"), ("nf4", "NF4 routed experts (`LOAD_IN_4BIT=true`)"),
+                       ("merge-cell/nf4", "NF4 routed experts, a fresh machine")):
         r = load_record(RESULTS / "notebooks-gpu" / f"{name}.json")
         hw, losses = r["hardware"], r["loss_history"]
         lora = "routed experts too" if r["config"]["routed_experts"] else "no routed experts"
@@ -502,6 +504,18 @@ INDEX = [  # (claim, where it is quoted, glob patterns under results/, what prod
      "MAX_STEPS=25 MERGE=true and ROUTED_EXPERTS=true (bf16) or LOAD_IN_4BIT=true (nf4); the first bf16 try stopped "
      "at a 170 s limit of the command while reloading (its first step compiled kernels for 75 s), and ran again on "
      "the same machine"),
+    ("Notebook 03 in 4-bit with its merge written out in the cell (the bf16 base, PeftModel, merge_and_unload), and "
+     "train.py in 4-bit: reloaded and merged adapters give the trained adapter's answers",
+     "README: Measured results (after the notebook runs)", ["notebooks-gpu/merge-cell/*"],
+     "on a fresh machine, `make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on notebook 01 "
+     "(MODEL_ID that folder, DATA_SOURCE=data/sample), then on notebook 03 with BATCH_SIZE=32 GRAD_ACCUM=1 "
+     "LEARNING_RATE=1e-4 MAX_STEPS=25 MERGE=true LOAD_IN_4BIT=true RUN_NAME=nf4; then `train.py --set "
+     "model_id=/dev/shm/slice8 data_source=data/sample data_dir=/tmp/train-data load_in_4bit=true max_steps=5 "
+     "per_device_train_batch_size=8 gradient_accumulation_steps=1 eval_limit=16 run_name=train-nf4 --skip-base-eval`"),
+    ("bench.py's unsloth variant, written as notebook 04's cells (FastLanguageModel.from_pretrained and "
+     "get_peft_model), runs end to end", "benchmarks/README.md (variants)", ["unsloth-variant/*"],
+     f"`{B} --variant unsloth --arch slice8 --model /dev/shm/slice8 --tokens-per-step 4096 --steps 4 --warmup 2` "
+     "on a machine that had just run it once (its first try stopped at a 230 s limit while compiling)"),
     ("Notebooks 03 and 04 on a GPU, with the fast path as a third run", "README: Measured results; notebook 04 "
      "without a GPU (`helpers.unsloth_path.reference_records`)", ["runs/*"],
      "the 8-layer random model (`make_random_model.py --layers 8`) and the shipped sample; "
