@@ -512,6 +512,12 @@ INDEX = [  # (claim, where it is quoted, glob patterns under results/, what prod
      "LEARNING_RATE=1e-4 MAX_STEPS=25 MERGE=true LOAD_IN_4BIT=true RUN_NAME=nf4; then `train.py --set "
      "model_id=/dev/shm/slice8 data_source=data/sample data_dir=/tmp/train-data load_in_4bit=true max_steps=5 "
      "per_device_train_batch_size=8 gradient_accumulation_steps=1 eval_limit=16 run_name=train-nf4 --skip-base-eval`"),
+    ("Notebook 04 top to bottom on a GPU after notebooks 01 and 03: Unsloth trains the same adapter on the same "
+     "tokens; counted steps that compiled kernels", "README: Measured results (after the notebook runs)",
+     ["notebooks-gpu/notebook-04/*"],
+     "on a fresh machine, `make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on notebook 01 "
+     "(MODEL_ID that folder, DATA_SOURCE=data/sample), on notebook 03 with BATCH_SIZE=32 GRAD_ACCUM=1 "
+     "LEARNING_RATE=1e-4 MAX_STEPS=25 ROUTED_EXPERTS=true, then on notebook 04 with its defaults"),
     ("bench.py's unsloth variant, written as notebook 04's cells (FastLanguageModel.from_pretrained and "
      "get_peft_model), runs end to end", "benchmarks/README.md (variants)", ["unsloth-variant/*"],
      f"`{B} --variant unsloth --arch slice8 --model /dev/shm/slice8 --tokens-per-step 4096 --steps 4 --warmup 2` "

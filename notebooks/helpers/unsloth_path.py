@@ -77,7 +77,9 @@ def fairness_table(baseline: dict, *others: dict) -> str:
 
 
 def print_speedups(baseline: dict, others: list[dict]) -> None:
-    """Each stack's steady speed against the baseline's, and every stack's first (compiling) step."""
+    """Each stack's steady speed against the baseline's, and every stack's first (compiling) step. Counted steps
+    over 5x their run's median (kernels compiling for a batch shape met for the first time, as on a fresh machine)
+    are named, with the ratio of median steps, which leaves them out."""
     records = [baseline, *others]
     print("first step (compile/warm-up):", ", ".join(f"{r['stack']} {r['first_step_seconds']} s" for r in records))
     base = steady(baseline["step_times"])
@@ -86,6 +88,14 @@ def print_speedups(baseline: dict, others: list[dict]) -> None:
         print(f"{other['stack']} vs {baseline['stack']}: {mine['tokens_per_second'] / base['tokens_per_second']:.2f}x "
               f"tokens/s after {mine['warmup_steps_excluded']} warm-up steps (median s/step "
               f"{mine['median_seconds_per_step']} vs {base['median_seconds_per_step']})")
+        slow = {r["stack"]: [s for s in r["step_times"][speed["warmup_steps_excluded"]:]
+                             if s["seconds"] > 5 * speed["median_seconds_per_step"]]
+                for r, speed in ((baseline, base), (other, mine))}
+        if any(slow.values()):
+            steps = "; ".join(f"{stack} " + ", ".join(f"step {s['step']} {s['seconds']:.1f} s" for s in found)
+                              for stack, found in slow.items() if found)
+            print(f"  counted steps that compiled kernels ({steps}) weigh on that ratio; by median step, which "
+                  f"leaves them out: {base['median_seconds_per_step'] / mine['median_seconds_per_step']:.2f}x")
 
 
 def load_run_record(path: str | Path) -> dict:
