@@ -5,8 +5,9 @@
 
 Steps: prepare the data -> score the base model -> add LoRA (`LoraConfig`, `get_peft_model`) -> train with
 TRL (`SFTConfig`, `SFTTrainer`), resuming from the last checkpoint -> score the adapter -> reload it onto a
-fresh base and score again -> merge it and score that too. `lora_config` and `sft_config` below are notebook
-03's cells as functions (a test checks they build the same objects), so what a learner reads is what runs here.
+fresh base and score again -> merge it and score that too. `load_model`, `lora_config` and `sft_config` below
+are notebook 03's cells as functions (a test checks that the configs are the same objects), so what a learner
+reads is what runs here.
 Around them, recipe/cli.py checks the command line before anything heavy is imported (a mistake is one line and
 exit code 2) and recipe/report.py prepares the data and prints the closing report (outputs/runs/<run>/summary.json).
 """
@@ -24,6 +25,25 @@ for _path in (ROOT, ROOT / "notebooks"):
         sys.path.insert(0, str(_path))
 
 from helpers.config import TrainConfig  # noqa: E402  (imports nothing heavy: --help answers at once)
+
+
+def load_model(model_id, revision=None, device_map=None):
+    """(model, tokenizer) as notebook 03's loading cell makes them in bf16: bfloat16 on this GPU, float32 on a CPU.
+    `device_map` places the model elsewhere (the CPU under FSDP), never "auto": no silent offloading to the CPU."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from helpers.model import load_tokenizer
+
+    gpu, start = torch.cuda.is_available(), time.perf_counter()
+    tokenizer = load_tokenizer(model_id, revision)  # (builds the offline tiny model on first use)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_id), revision=revision, dtype=torch.bfloat16 if gpu else torch.float32,
+        device_map=device_map or ({"": torch.cuda.current_device()} if gpu else None))
+    print(f"Loaded {model_id} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
 
 
 def lora_config(cfg: TrainConfig, precision: str = "bf16"):
@@ -131,7 +151,7 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
     if fast and precision == "nf4":
         raise fastpath.Refused("--fast needs the bf16 base (its expert pieces read bf16 weights), and this run "
                                "would load 4-bit: train without --fast, or on a card with room for bf16")
-    load = quant.load_model_4bit if precision == "nf4" else model.load_model
+    load = quant.load_model_4bit if precision == "nf4" else load_model
     base, tokenizer = load(cfg.model_id, revision=cfg.revision, device_map=distributed.device_map())
     if not args.skip_base_eval and not sharded and main_process:
         evals["base"] = score(base, tokenizer, "base")

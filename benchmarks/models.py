@@ -172,7 +172,8 @@ def load_variant_model(variant: str, cfg, tokenizer, arch: str, model_path=None,
     `FastLanguageModel.from_pretrained` (bf16) + `FastLanguageModel.get_peft_model` (Unsloth's gradient
     checkpointing); it loads from a folder, so a random model is saved to `tmp_dir` first.
     """
-    from helpers.model import LORA_TARGET_MODULES, count_parameters, load_model
+    from helpers.model import LORA_TARGET_MODULES, count_parameters
+    from train import load_model
 
     from recipe import distributed
 

@@ -95,8 +95,8 @@ def meaning(cfg: TrainConfig, evals: dict) -> str:
 
 def how_to_score(cfg: TrainConfig) -> list[str]:
     """Python lines that score this run's saved adapter (after FSDP, which skips scoring)."""
-    return ["from peft import PeftModel", "from helpers import data, evaluation, model",
-            f"base, tokenizer = model.load_model({cfg.model_id!r})",
+    return ["from peft import PeftModel", "import train  # (puts notebooks/ on the path)",
+            "from helpers import data, evaluation", f"base, tokenizer = train.load_model({cfg.model_id!r})",
             f"adapter = PeftModel.from_pretrained(base, {str(cfg.checkpoint_dir)!r})",
             f"evaluation.evaluate(adapter, tokenizer, data.load_formatted({cfg.data_dir!r})[0]['validation'], "
             f"{cfg.run_name + '-adapter'!r}, out_dir={str(eval_dir(cfg))!r})"]

@@ -23,7 +23,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture
 def tiny(tiny_dir):
     """A fresh (model, tokenizer) pair loaded from the tiny folder."""
-    return mh.load_model(tiny_dir)
+    return train.load_model(tiny_dir)
 
 
 def batch(tokenizer):
@@ -184,7 +184,7 @@ def test_every_lora_parameter_gets_a_gradient(tiny, routed_experts):
 def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_dir):
     grads = []
     for checkpointing in (False, True):
-        model, tokenizer = mh.load_model(tiny_dir)
+        model, tokenizer = train.load_model(tiny_dir)
         torch.manual_seed(0)
         peft_model = add_lora(model, routed_experts=True, init_lora_weights=False)
         if checkpointing:
@@ -199,7 +199,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_dir):
 
 
 def test_merge_and_adapter_round_trip_keep_the_logits(tiny_dir, tmp_path):
-    model, tokenizer = mh.load_model(tiny_dir)
+    model, tokenizer = train.load_model(tiny_dir)
     torch.manual_seed(0)
     peft_model = add_lora(model, routed_experts=True, init_lora_weights=False)
     peft_model.eval()
@@ -207,7 +207,7 @@ def test_merge_and_adapter_round_trip_keep_the_logits(tiny_dir, tmp_path):
     with torch.no_grad():
         adapted = peft_model(**inputs).logits
         peft_model.save_pretrained(tmp_path / "adapter")
-        base, _ = mh.load_model(tiny_dir)
+        base, _ = train.load_model(tiny_dir)
         assert not torch.allclose(base(**inputs).logits, adapted, atol=1e-3)  # the adapter matters
         reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))  # as notebook 03 reloads it
         torch.testing.assert_close(reloaded(**inputs).logits, adapted, atol=1e-5, rtol=1e-5)
@@ -245,7 +245,8 @@ def test_preflight_on_cpu_fails_gpu_check_with_a_fix_and_never_raises(tiny_dir, 
 
     tiny_checks = mh.preflight(model_id=tiny_dir)  # the tiny model is fine on CPU
     mh.require(tiny_checks)
-    assert "tiny model" in tiny_checks[0].message
+    assert [c.name for c in tiny_checks] == ["model", "GPU", "disk", "Mamba kernels"]
+    assert "nemotron_h" in tiny_checks[0].message and "tiny model" in tiny_checks[1].message
 
 
 def test_fast_kernels_status_reports_what_transformers_bound():
@@ -256,14 +257,17 @@ def test_fast_kernels_status_reports_what_transformers_bound():
         assert all(where == "torch reference" for where in status["implementations"].values())
 
 
-def test_load_model_refuses_other_architectures(tmp_path):
+def test_preflight_refuses_other_architectures_before_any_download(tmp_path, capsys):
     from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(
         tmp_path
     )
-    with pytest.raises(ValueError, match="nemotron_h"):
-        mh.load_model(tmp_path)
+    check = mh.preflight(tmp_path)[0]
+    assert check.name == "model" and not check.ok and "'llama' model" in check.message and "nemotron_h" in check.message
+    assert "tiny model" in check.fix and "[FAIL] model" in capsys.readouterr().out
+    with pytest.raises(mh.PreflightFailed, match="'llama' model"):
+        mh.require(mh.preflight(tmp_path), ignore=("GPU", "Mamba kernels", "disk"))
 
 
 def test_load_tokenizer_builds_the_tiny_model_on_first_use(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ def sft_trainer(cfg, dataset, callbacks=()):
     from transformers import set_seed
     from trl import SFTTrainer
 
-    llm, tok = model.load_model(cfg.model_id)
+    llm, tok = train.load_model(cfg.model_id)
     set_seed(cfg.seed)
     timer = training.StepTimer()
     trainer = SFTTrainer(model=get_peft_model(llm, train.lora_config(cfg)), args=train.sft_config(cfg),

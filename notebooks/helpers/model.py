@@ -1,5 +1,5 @@
-"""Notebook 02's helpers (notebooks 03-04 and train.py use them too): pre-flight checks, loading, parameter counts,
-memory, LoRA targets, saving a merged model. The lesson's own calls (`from_pretrained`, `LoraConfig`,
+"""Notebook 02's helpers (notebooks 03-04 and train.py use them too): pre-flight checks, the tokenizer, parameter
+counts, memory, LoRA targets, saving a merged model. The lesson's own calls (`from_pretrained`, `LoraConfig`,
 `get_peft_model`) stay in the notebooks' cells; transformers and peft are imported inside functions, so that
 `import unsloth` (which patches them) can come first in notebook 04.
 """
@@ -11,7 +11,6 @@ import importlib.metadata
 import inspect
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +129,17 @@ def _check_disk(model_id, need_gib) -> Check:
     return Check("disk", True, message)
 
 
+def _check_model(model_id) -> Check:
+    """Is it a NemotronH checkpoint, which transformers runs with its built-in code (no remote code)?"""
+    from transformers import AutoConfig
+
+    kind = "nemotron_h" if model_id == DEFAULT_MODEL_ID else AutoConfig.from_pretrained(model_id).model_type
+    if kind == "nemotron_h":
+        return Check("model", True, f"{model_id}: nemotron_h, transformers' built-in code")
+    return Check("model", False, f"{model_id} is a '{kind}' model, but these notebooks are for 'nemotron_h' "
+                 "(Nemotron-H / Nemotron-3)", f"use {DEFAULT_MODEL_ID} or the offline tiny model {TINY_MODEL}")
+
+
 def _check_kernels(need_gib) -> Check:
     """Are the fused Mamba-2 CUDA kernels (mamba_ssm, causal_conv1d) in use?"""
     status = fast_kernels_status()
@@ -147,15 +157,16 @@ def _check_kernels(need_gib) -> Check:
 
 
 def preflight(model_id=DEFAULT_MODEL_ID, need_gib=None, shards=1, load_in_4bit="auto") -> list[Check]:
-    """Check GPU memory, disk space and Mamba kernels before spending an hour on a download: prints one line per
-    check and returns them, never raises (pass the list to `require`). `shards`: FSDP over that many GPUs, each
+    """Check the model's type, GPU memory, disk space and Mamba kernels before spending an hour on a download: prints
+    one line per check and returns them, never raises (pass the list to `require`). `shards`: FSDP over that many GPUs, each
     holding its share. `load_in_4bit` ("auto", "true", "false"): may a card too small for bf16 use NF4 experts?"""
     model_id = str(model_id)
-    _build_tiny_if_missing(model_id)  # the offline tiny model is made on first use, as load_model does
+    _build_tiny_if_missing(model_id)  # the offline tiny model is made on first use
     need_gib = _weights_gib(model_id) if need_gib is None else need_gib
     share = need_gib / shards if need_gib is not None else None
     checks = []
     for name, check, args in [
+        ("model", _check_model, (model_id,)),
         ("GPU", _check_gpu, (share, share * NF4_SHARE if share and str(load_in_4bit).lower() != "false" else None)),
         ("disk", _check_disk, (model_id, need_gib)),
         ("Mamba kernels", _check_kernels, (need_gib,)),
@@ -204,26 +215,6 @@ def load_tokenizer(model_id=DEFAULT_MODEL_ID, revision=None):
 def pad_id(tokenizer) -> int:
     """The token id batches are padded with: the pad token, else eos (`load_tokenizer` sets pad = eos anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def load_model(model_id=DEFAULT_MODEL_ID, revision=None, device_map=None):
-    """(model, tokenizer) as notebook 02's loading cell makes them, with transformers' built-in code (no remote
-    code): bfloat16 on this GPU, float32 on a CPU. `device_map` places it elsewhere (train.py: the CPU under FSDP),
-    never "auto": no silent offloading to the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    _build_tiny_if_missing(str(model_id))
-    config = AutoConfig.from_pretrained(str(model_id), revision=revision, trust_remote_code=False)
-    if config.model_type != "nemotron_h":
-        raise ValueError(f"{model_id} is a '{config.model_type}' model, but these helpers are for 'nemotron_h' "
-                         f"(Nemotron-H / Nemotron-3). Fix: use {DEFAULT_MODEL_ID} or the offline tiny model "
-                         f"{TINY_MODEL}.")
-    gpu, start = torch.cuda.is_available(), time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_id), config=config, revision=revision, dtype=torch.bfloat16 if gpu else torch.float32,
-        device_map=device_map or ({"": torch.cuda.current_device()} if gpu else None))
-    print(f"Loaded {model_id} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s")
-    return model, load_tokenizer(model_id, revision)
 
 
 BLOCK_KINDS = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "dense_mlp"}
