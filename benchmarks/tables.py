@@ -439,12 +439,13 @@ def qlora_runs_table() -> str:
 
 
 def notebooks_gpu_table() -> str:
-    """Notebook 03 run on a GPU in bf16 and in 4-bit, and in 4-bit again once its merge cell made the library calls
-    itself (run records under results/notebooks-gpu/)."""
+    """Notebook 03 run on a GPU in bf16 and in 4-bit, then in 4-bit once its merge cell made the library calls itself,
+    and in bf16 once its reload cell did too (run records under results/notebooks-gpu/)."""
     lines = ["| run | base | LoRA | trainable | tokens/s after 2 warm-up steps | first step | peak GiB (alloc / resv) "
              "| loss step 1 / last | record |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for name, base in (("bf16", "bf16"), ("nf4", "NF4 routed experts (`LOAD_IN_4BIT=true`)"),
-                       ("merge-cell/nf4", "NF4 routed experts, a fresh machine")):
+                       ("merge-cell/nf4", "NF4 routed experts, a fresh machine"),
+                       ("reload-cell/bf16", "bf16, a fresh machine")):
         r = load_record(RESULTS / "notebooks-gpu" / f"{name}.json")
         hw, losses = r["hardware"], r["loss_history"]
         lora = "routed experts too" if r["config"]["routed_experts"] else "no routed experts"
@@ -518,6 +519,12 @@ INDEX = [  # (claim, where it is quoted, glob patterns under results/, what prod
      "on a fresh machine, `make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on notebook 01 "
      "(MODEL_ID that folder, DATA_SOURCE=data/sample), on notebook 03 with BATCH_SIZE=32 GRAD_ACCUM=1 "
      "LEARNING_RATE=1e-4 MAX_STEPS=25 ROUTED_EXPERTS=true, then on notebook 04 with its defaults"),
+    ("Notebook 03 in bf16 with its reload cell written out (`from_pretrained` as in its loading cell) and the "
+     "model-type check in its pre-flight: it runs top to bottom, reloads with the same answers and merges",
+     "README: Measured results (after the notebook runs)", ["notebooks-gpu/reload-cell/*"],
+     "on a fresh machine, `make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on notebook 01 "
+     "(MODEL_ID that folder, DATA_SOURCE=data/sample), then on notebook 03 with BATCH_SIZE=32 GRAD_ACCUM=1 "
+     "LEARNING_RATE=1e-4 MAX_STEPS=25 ROUTED_EXPERTS=true MERGE=true RUN_NAME=bf16"),
     ("bench.py's unsloth variant, written as notebook 04's cells (FastLanguageModel.from_pretrained and "
      "get_peft_model), runs end to end", "benchmarks/README.md (variants)", ["unsloth-variant/*"],
      f"`{B} --variant unsloth --arch slice8 --model /dev/shm/slice8 --tokens-per-step 4096 --steps 4 --warmup 2` "
