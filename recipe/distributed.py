@@ -130,10 +130,11 @@ def shards() -> int:
 
 
 def device_map():
-    """Where the weights go: this process's GPU (`cuda:LOCAL_RANK`), or None (CPU) under FSDP and without CUDA."""
-    if fsdp_enabled() or not torch.cuda.is_available():
+    """Where the weights go: this process's GPU (`cuda:LOCAL_RANK`); "cpu" under FSDP (the Trainer moves each GPU's
+    shard over, so no GPU holds the whole model); None (the loader's default, the CPU) without CUDA."""
+    if not torch.cuda.is_available():
         return None
-    return {"": local_rank()}
+    return "cpu" if fsdp_enabled() else {"": local_rank()}
 
 
 def sft_overrides(cfg) -> dict:

@@ -13,9 +13,10 @@ import textwrap
 import pytest
 import torch
 
+import train
 from helpers import data, training
 from helpers.config import TrainConfig
-from recipe import distributed
+from recipe import distributed, offline
 
 CONFIGS = ("ddp.yaml", "ddp-multinode.yaml", "fsdp.yaml", "cpu-gloo.yaml")
 
@@ -87,7 +88,8 @@ def test_one_process_is_unchanged(monkeypatch):
 
 
 def test_each_process_loads_onto_its_own_gpu(monkeypatch):
-    """device_map: cuda:LOCAL_RANK under accelerate launch, never 'auto'; None (CPU, then sharded) under FSDP."""
+    """device_map: cuda:LOCAL_RANK under accelerate launch, never 'auto'; the CPU under FSDP (then sharded), which
+    train.load_model honours on a GPU machine."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
@@ -98,7 +100,9 @@ def test_each_process_loads_onto_its_own_gpu(monkeypatch):
                                                         "ddp_broadcast_buffers": False}
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
-    assert distributed.device_map() is None and distributed.fsdp_activation_checkpointing()
+    assert distributed.device_map() == "cpu" and distributed.fsdp_activation_checkpointing()
+    llm, _ = train.load_model(offline.build_tiny_model(), device_map=distributed.device_map())
+    assert llm.device.type == "cpu" and llm.dtype == torch.bfloat16  # a GPU run's dtype, on the CPU
     assert distributed.shards() == 2  # each GPU needs only half of the weights
     assert distributed.sft_overrides(TrainConfig())["gradient_checkpointing"] is False  # FSDP recomputes itself
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU processes talk through gloo

@@ -121,11 +121,11 @@ def _experts_to_nf4_on_arrival(double_quant: bool):
 
 
 def load_model_4bit(model_id=DEFAULT_MODEL_ID, revision=None, all_linears="auto", **from_pretrained):
-    """(model, tokenizer) like helpers.model.load_model, the routed experts in NF4 (bf16 on this GPU, float32 on a
-    CPU). `all_linears` (the 24 GB mode; "auto": below ALL_LINEARS_BELOW_GIB): attention, Mamba in_proj and shared
-    experts in NF4 too. Prints the time, the tensors quantized, GPU memory and peak CPU RAM (it
-    counts checkpoint pages read through mmap). `model_id=None` builds from `config=` and `state_dict=` (the
-    benchmark), without a tokenizer."""
+    """(model, tokenizer) as notebook 03's bf16 loading cell makes them, the routed experts in NF4 (bf16 on this GPU,
+    float32 on a CPU). `all_linears` (the 24 GB mode; "auto": below ALL_LINEARS_BELOW_GIB): attention, Mamba in_proj
+    and shared experts in NF4 too. Prints the time, the tensors quantized, GPU memory and peak CPU RAM (which counts
+    checkpoint pages read through mmap). `model_id=None` builds from `config=` and `state_dict=` (the benchmark),
+    without a tokenizer."""
     require_bitsandbytes()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, NemotronHForCausalLM
 
