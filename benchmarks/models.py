@@ -17,18 +17,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import REPO  # noqa: F401  (puts helpers, recipe and train on sys.path)
+from train import free_memory  # noqa: E402  (train imports nothing heavy at the top)
 
 ARCHS = ("real", "slice8", "tiny")
 VARIANTS = ("standard", "standard-nokernels", "unsloth", "fast")
 GIB = 2**30
-
-
-def free_memory() -> None:
-    """Give the memory of deleted models back to the GPU."""
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def bench_tokenizer(model_path=None):

@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from benchmarks.models import build_random_model  # noqa: E402  (seeded, built where it runs)
 from helpers import quant  # noqa: E402
+from train import free_memory  # noqa: E402
 
 GIB = 2**30
 RESULTS = REPO / "benchmarks" / "results" / "qlora"
@@ -192,14 +193,6 @@ def cap_gpu(gib: float | None) -> dict:
     if held > 1:
         print(f"WARNING: {held:.1f} GiB still allocated before a capped phase: its figures include them", flush=True)
     return {"cap_gib": gib, "gpu_total_gib": round(total, 1), "allocated_at_start_gib": round(held, 2)}
-
-
-def free_memory():
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

@@ -250,9 +250,9 @@ def run_budget(model, tokenizer, dist: dict, budget: int, *, cfg, steps: int, wa
     """
     from datasets import Dataset
 
-    from benchmarks.models import free_memory
     from helpers import training
     from recipe import distributed
+    from train import free_memory
 
     rows_per_step = max(1, round(budget / dist["mean_tokens"]))  # per process (= per GPU)
     total_steps = warmup + steps

@@ -124,14 +124,6 @@ def optional_run_record(path: str | Path) -> dict | None:
         return None
 
 
-def full_depth_comparison() -> dict:
-    """The measured full-model comparison of the three stacks, from the committed benchmark records:
-    {"rows": [{config, stack, tokens_per_second, median_seconds_per_step, epoch_hours, ...}], "table": str}."""
-    from benchmarks import records, tables
-
-    return {"rows": records.full_depth_comparison(), "table": tables.headline_table()}
-
-
 def _label(record: dict) -> str:
     """'stack (GPU)' for legends."""
     return f"{record['stack']} ({record['hardware'].get('gpu_name') or 'CPU'})"
@@ -171,7 +163,7 @@ def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, 
 
 def plot_epoch_hours(rows: list[dict], name="04_full_depth", out_dir=None) -> Path:
     """Hours per MedMCQA epoch on the full model, per stack and LoRA configuration (rows of
-    `unsloth_path.full_depth_comparison`: config, stack, tokens_per_second, epoch_hours)."""
+    `benchmarks.records.full_depth_comparison()`: config, stack, tokens_per_second, epoch_hours)."""
     configs = list(dict.fromkeys(r["config"] for r in rows))
     fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.6), squeeze=False)
     colors = {"standard": "#4C72B0", "unsloth": "#DD8452", "fast": "#55A868"}
