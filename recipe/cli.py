@@ -262,6 +262,10 @@ def check(args, cfg: TrainConfig) -> None:
         raise UsageError(f"data source {cfg.data_source!r} is not a folder",
                          "--set data_source=FOLDER (train/validation .jsonl, .json or .parquet files), "
                          "data_source=hub (MedMCQA from the Hugging Face Hub) or data_source=synthetic")
+    if args.fast and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # distributed.fsdp_enabled()
+        raise UsageError("--fast is not verified under FSDP (configs/fsdp.yaml): the fast engine sets each block's "
+                         "activation checkpointing itself, where FSDP checkpoints too",
+                         "drop --fast under FSDP, or use configs/ddp.yaml on GPUs that hold the whole model")
     cuda = cuda_present()
     if not cuda and not runs_on_cpu(cfg.model_id):
         what = (f"the {args.preset or DEFAULT_PRESET} preset trains the real model ({cfg.model_id}, 59 GB), which"

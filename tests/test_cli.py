@@ -4,8 +4,10 @@ import json
 import logging
 import os
 import subprocess
+import re
 import sys
 import time
+
 import pytest
 
 from helpers.config import TINY_MODEL, TrainConfig
@@ -80,6 +82,17 @@ def test_each_mistake_is_one_or_two_lines_and_exit_code_2(repo, case):
         assert text in done.stderr, (text, done.stderr)
     assert "fast=True" not in done.stderr
     assert seconds < 5, seconds
+
+
+def test_fast_under_fsdp_is_refused_in_one_message(repo, monkeypatch, capsys):
+    """accelerate's FSDP launch sets ACCELERATE_USE_FSDP: --fast there stops with the fix; without --fast it runs."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(SystemExit) as exit:
+        cli.parse(["--preset", "smoke", "--fast"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--fast is not verified under FSDP" in err and "configs/ddp.yaml" in err and "Traceback" not in err
+    assert cli.parse(["--preset", "smoke"])[1].run_name  # the standard path is allowed under FSDP
 
 
 def test_mistakes_are_found_before_anything_heavy_is_imported(repo):
@@ -226,3 +239,22 @@ def test_cpu_kernel_warnings_become_one_note(monkeypatch):
     assert [r.getMessage()[:20] for r in seen] == ["something else", "`causal_conv1d_fn` i"]
     args, cfg = cli.parse(["--preset", "smoke"], checks=False)
     assert cli.plan(args, cfg)[-1].strip() == cli.CPU_NOTE
+
+
+def test_every_train_option_the_docs_name_exists(repo):
+    """Commands in the README, configs, notebooks and scripts name real flags and TrainConfig fields: a renamed or
+    removed option fails here, not on a reader's machine."""
+    tracked = subprocess.run(["git", "ls-files", "*.md", "*.ipynb", "*.py", "*.sh", "*.yaml"], cwd=repo,
+                             capture_output=True, text=True, check=True).stdout.split()
+    flags = {option for action in cli.build_parser()._actions for option in action.option_strings}
+    fields, stale, commands = set(field_names()), [], 0
+    for name in tracked:
+        text = (repo / name).read_text(errors="ignore")
+        for found in re.finditer(r"--set((?:\s+[a-z_0-9]+=[^\s`'\"]*)+)", text):
+            keys = re.findall(r"([a-z_0-9]+)=", found.group(1))
+            stale += [(name, key) for key in keys if key not in fields | {"key"}]  # "key=value": the usage line
+        for found in re.finditer(r"train\.py((?:[ \t]+[^\s`'\"|]+)+)", text):
+            commands += 1
+            stale += [(name, flag) for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", found.group(1))
+                      if flag not in flags]
+    assert commands > 20 and stale == [], stale
