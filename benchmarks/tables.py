@@ -525,6 +525,17 @@ INDEX = [  # (claim, where it is quoted, glob patterns under results/, what prod
      "on a fresh machine, `make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on notebook 01 "
      "(MODEL_ID that folder, DATA_SOURCE=data/sample), then on notebook 03 with BATCH_SIZE=32 GRAD_ACCUM=1 "
      "LEARNING_RATE=1e-4 MAX_STEPS=25 ROUTED_EXPERTS=true MERGE=true RUN_NAME=bf16"),
+    ("Notebook 02 top to bottom in 4-bit and in bf16: its pre-flight's four checks pass, and its parameter table "
+     "counts the same weights in both (NF4 stores two per byte)", "README: Measured results (after the notebook runs)",
+     ["notebooks-gpu/notebook-02/*"], "`make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on "
+     "notebook 02 (MODEL_ID that folder, DATA_SOURCE=data/sample) with LOAD_IN_4BIT=true, then without"),
+    ("train.py under `configs/fsdp.yaml` in one process: under FSDP the weights load into CPU RAM (none on the GPU) "
+     "and the Trainer shards them onto the GPU; `--fast` is refused there", "configs/README.md (FSDP)",
+     ["scaling/fsdp-1gpu/*"], "the 8-layer random slice; `accelerate launch --config_file configs/fsdp.yaml "
+     "--num_processes 1 train.py --set model_id=/dev/shm/slice8 data_source=data/sample max_steps=5 "
+     "per_device_train_batch_size=8 gradient_accumulation_steps=1 eval_limit=16 --skip-base-eval`, then the same "
+     "with `--fast`; `load-where.log`: `train.load_model` with `recipe.distributed.device_map()`, without and with "
+     "ACCELERATE_USE_FSDP=true"),
     ("bench.py's unsloth variant, written as notebook 04's cells (FastLanguageModel.from_pretrained and "
      "get_peft_model), runs end to end", "benchmarks/README.md (variants)", ["unsloth-variant/*"],
      f"`{B} --variant unsloth --arch slice8 --model /dev/shm/slice8 --tokens-per-step 4096 --steps 4 --warmup 2` "

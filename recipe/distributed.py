@@ -138,13 +138,13 @@ def device_map():
 
 
 def sft_overrides(cfg) -> dict:
-    """SFTConfig settings for several processes (none for one): FSDP may checkpoint itself, CPUs use gloo."""
+    """SFTConfig settings under accelerate launch: FSDP may checkpoint itself (even with `--num_processes 1`),
+    several processes skip DDP's searches, CPUs use gloo. Nothing for a plain one-process run."""
+    out = {"gradient_checkpointing": False} if fsdp_activation_checkpointing() else {}  # FSDP recomputes itself
     if not launched():
-        return {}
-    out = {"ddp_find_unused_parameters": False,  # every LoRA weight gets a gradient each step: skip the search
-           "ddp_broadcast_buffers": False}       # the only buffers (router biases) never change
-    if fsdp_activation_checkpointing():
-        out["gradient_checkpointing"] = False    # FSDP recomputes activations itself
+        return out
+    out |= {"ddp_find_unused_parameters": False,  # every LoRA weight gets a gradient each step: skip the search
+            "ddp_broadcast_buffers": False}       # the only buffers (router biases) never change
     if not torch.cuda.is_available():
         out |= {"use_cpu": True, "ddp_backend": "gloo"}
     return out

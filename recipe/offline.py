@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL_DIR = REPO_ROOT / "outputs" / "tiny-nemotron"
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+from helpers.config import SAMPLE_DIR, TINY_MODEL
 ANSWER_TOKENS = [" A", " B", " C", " D"]
 # One letter per layer: M = Mamba-2 ("linear_attention"), E = mixture of experts ("moe"),
 # * = attention ("full_attention"), - = dense MLP ("mlp"); see NemotronHConfig._pattern_to_list.
@@ -115,7 +113,7 @@ def is_model_dir(folder: Path) -> bool:
     return all(f.is_file() for f in files) and any(folder.glob("*.safetensors"))
 
 
-def build_tiny_model(out_dir=TINY_MODEL_DIR, texts=None, seed: int = 0, overwrite: bool = False) -> Path:
+def build_tiny_model(out_dir=TINY_MODEL, texts=None, seed: int = 0, overwrite: bool = False) -> Path:
     """Save a randomly initialised tiny NemotronH and its tokenizer as a normal model folder.
 
     It stands in for the 30B model on CPU and in CI, so every step of the tutorial runs in

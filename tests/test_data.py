@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import data
+from helpers import config, data
 from recipe import synthetic
 
 ROW = {"id": "q1", "question": "Drug of choice for absence seizures:", "opa": "Ethosuximide", "opb": "Phenytoin",
@@ -295,7 +295,7 @@ def test_prepare_writes_manifest_and_is_idempotent(tmp_path, capsys):
     # different options rebuild
     _, manifest4 = data.prepare_medmcqa(data.SAMPLE_DIR, out_dir=out, with_explanation=False)
     assert manifest4["options"]["with_explanation"] is False
-    assert data.FORMATTED_DIR.relative_to(data.REPO_ROOT).parts[0] == "outputs"  # generated data lives there
+    assert data.FORMATTED_DIR.relative_to(config.REPO_ROOT).parts[0] == "outputs"  # generated data lives there
 
 
 def test_rows_whose_answer_would_be_cut_are_dropped_and_counted(tmp_path):

@@ -105,6 +105,9 @@ def test_each_process_loads_onto_its_own_gpu(monkeypatch):
     assert llm.device.type == "cpu" and llm.dtype == torch.bfloat16  # a GPU run's dtype, on the CPU
     assert distributed.shards() == 2  # each GPU needs only half of the weights
     assert distributed.sft_overrides(TrainConfig())["gradient_checkpointing"] is False  # FSDP recomputes itself
+    monkeypatch.setenv("WORLD_SIZE", "1")  # FSDP in one process (e.g. with CPU offload): the Trainer refuses both
+    assert distributed.sft_overrides(TrainConfig()) == {"gradient_checkpointing": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU processes talk through gloo
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert distributed.device_map() is None

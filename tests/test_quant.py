@@ -247,6 +247,18 @@ def test_adapter_merges_into_the_full_precision_base(trained, full):
     assert (adapted.argmax(-1) == deployed.argmax(-1)).float().mean() > 0.8
 
 
+def test_parameter_counts_of_the_4bit_model_are_those_of_the_full_one(trained, full):
+    """Notebook 02's table in 4-bit: the packed NF4 experts (and, in the 24 GB mode, linears) count every weight."""
+    from helpers.model import count_parameters
+
+    reference = count_parameters(full)
+    blocks = [key for key in reference if key not in ("lora", "total", "active_per_token")]
+    for model in (trained["model"], quant.load_model_4bit(TINY, all_linears=True)[0]):  # with LoRA; 24 GB mode
+        counts = count_parameters(model)
+        assert {key: counts[key] for key in blocks} == {key: reference[key] for key in blocks}
+    assert reference["routed_experts"] > 0
+
+
 def test_24gb_mode_quantizes_the_other_linears_and_trains(tmp_path):
     import bitsandbytes as bnb
 

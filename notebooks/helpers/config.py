@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-OUTPUTS = REPO_ROOT / "outputs"
+OUTPUTS = REPO_ROOT / "outputs"  # everything the notebooks and train.py make (git ignores it)
+SAMPLE_DIR = REPO_ROOT / "data" / "sample"  # the shipped MedMCQA-schema sample, written for this project
+FORMATTED_DIR = OUTPUTS / "data" / "medmcqa_formatted"  # where notebook 01 saves the formatted splits
 DEFAULT_MODEL_ID = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
 TINY_MODEL = str(OUTPUTS / "tiny-nemotron")  # the offline stand-in, built on first use
 
@@ -22,7 +24,7 @@ class TrainConfig:
     revision: str | None = None
     load_in_4bit: str = "auto"            # "auto" (bf16 if the card has room, else NF4), "true" or "false"
     data_source: str = "hub"              # "hub" or a folder of MedMCQA-schema files
-    data_dir: str = str(OUTPUTS / "data" / "medmcqa_formatted")  # where the formatted splits are saved
+    data_dir: str = str(FORMATTED_DIR)    # where the formatted splits are saved
     cop_base: int | None = None           # 0 if answers are numbered 0-3, 1 if 1-4; None: detect
     with_explanation: bool = True         # train on the explanation after the answer
     max_length: int = 1024                # tokens; longer rows are truncated (answer kept)

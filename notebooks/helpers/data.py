@@ -15,10 +15,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .config import FORMATTED_DIR, SAMPLE_DIR  # noqa: F401  (SAMPLE_DIR: data.SAMPLE_DIR for notebooks and tests)
+
 HUB_ID = "openlifescienceai/medmcqa"
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
-FORMATTED_DIR = REPO_ROOT / "outputs" / "data" / "medmcqa_formatted"
 FIELDS = ("id", "question", "opa", "opb", "opc", "opd", "cop", "choice_type", "exp", "subject_name", "topic_name")
 OPTION_KEYS = ("opa", "opb", "opc", "opd")
 LETTERS = ("A", "B", "C", "D")
@@ -64,7 +63,7 @@ def _read_file(path: Path) -> list[dict]:
     return [row for _, row in numbered]
 
 
-def load_raw(source: str | Path = "hub", splits=tuple(SPLIT_FILES), revision: str | None = None) -> tuple[dict, str]:
+def load_raw(source: str | Path = "hub", revision: str | None = None) -> tuple[dict, str]:
     """Raw rows per split, and the source's kind: "hub", "files" (a folder of .jsonl/.json/.parquet files, one
     per split, validation possibly the original release's dev.json) or "arrow" (a `save_to_disk` folder)."""
     folder = Path(source)
@@ -84,14 +83,14 @@ def load_raw(source: str | Path = "hub", splits=tuple(SPLIT_FILES), revision: st
         raise DataError(f"MedMCQA source {folder} is not a folder. Use 'hub', or a folder holding "
                         "train/validation/test files (.jsonl, .json or .parquet).")
     else:
-        found = {s: [folder / f"{n}{x}" for n in SPLIT_FILES[s] for x in (".jsonl", ".json", ".parquet")]
-                 for s in splits}
+        found = {s: [folder / f"{n}{x}" for n in names for x in (".jsonl", ".json", ".parquet")]
+                 for s, names in SPLIT_FILES.items()}
         raw = {s: _read_file(p) for s, paths in found.items() if (p := next((p for p in paths if p.exists()), None))}
         if not raw:
             raise DataError(f"No MedMCQA split files in {folder}: expected train.jsonl, validation.jsonl "
                             "(or dev.json) and test.jsonl, or a dataset saved with save_to_disk.")
         return raw, "files"
-    return {s: ds[s].to_list() for s in splits if s in ds}, kind
+    return {s: ds[s].to_list() for s in SPLIT_FILES if s in ds}, kind
 
 
 def _cop(value) -> int | None:

@@ -28,7 +28,6 @@ NF4_SHARE = WEIGHTS_GIB["NF4 routed experts"] / WEIGHTS_GIB["bf16"]
 @dataclass
 class Check:
     """One pre-flight check: what was checked, whether it passed, and how to fix it if not."""
-
     name: str
     ok: bool
     message: str
@@ -184,16 +183,16 @@ class PreflightFailed(RuntimeError):
     """A pre-flight check failed: the message names each failed check and its fix."""
 
 
-def require(checks: list[Check], ignore: tuple[str, ...] = ()) -> None:
-    """Raise PreflightFailed listing every failed check (except those named in `ignore`)."""
-    failed = [c for c in checks if not c.ok and c.name not in ignore]
+def require(checks: list[Check]) -> None:
+    """Raise PreflightFailed listing every failed check."""
+    failed = [c for c in checks if not c.ok]
     if failed:
         details = "\n".join(f"- {c.name}: {c.message}\n  fix: {c.fix}" for c in failed)
         raise PreflightFailed(f"{len(failed)} pre-flight check(s) failed:\n{details}")
 
 
 def _build_tiny_if_missing(model_id: str) -> None:
-    """Build the tiny offline model the first time its folder (TINY_MODEL_DIR) is asked for."""
+    """Build the tiny offline model the first time its folder (TINY_MODEL) is asked for."""
     if Path(model_id).resolve() == Path(TINY_MODEL).resolve():
         from recipe.offline import build_tiny_model  # the headless recipe's offline stand-in
 
@@ -238,13 +237,14 @@ def _block_of(name: str, layer_types: list[str]) -> str:
 
 def count_parameters(model) -> dict:
     """Parameters per block type, their total, and how many are active for one token (only k of the E routed
-    experts run: active = total - routed * (1 - k/E)). Works on meta-device and PEFT-wrapped models."""
+    experts run: active = total - routed * (1 - k/E)). Works on meta-device, PEFT and 4-bit models (2 NF4 per byte)."""
     config = model.config
     keys = ["embeddings", "mamba", "attention", "router", "routed_experts", "shared_experts",
             "dense_mlp", "norms", "lm_head", "lora", "other"]
     counts = dict.fromkeys(keys, 0)
     for name, param in model.named_parameters():
-        counts[_block_of(name, config.layers_block_type)] += param.numel()
+        packed = param.dtype == torch.uint8 and (name.endswith(".original") or type(param).__name__ == "Params4bit")
+        counts[_block_of(name, config.layers_block_type)] += param.numel() * (2 if packed else 1)
     counts["total"] = sum(counts.values())
     idle_share = 1 - config.num_experts_per_tok / config.n_routed_experts
     counts["active_per_token"] = round(counts["total"] - counts["routed_experts"] * idle_share)
@@ -268,7 +268,7 @@ def parameter_table(counts: dict) -> str:
     return "\n".join(lines)
 
 
-def gpu_memory_report(show: bool = True) -> dict:
+def gpu_memory_report() -> dict:
     """Allocated / reserved / peak GPU memory in GiB (or a note on CPU); prints one line."""
     report = {"device": "cpu", "note": "no GPU: nothing to report"}
     if torch.cuda.is_available():
@@ -277,8 +277,7 @@ def gpu_memory_report(show: bool = True) -> dict:
             ("total_gib", cuda.get_device_properties(cuda.current_device()).total_memory),
             ("allocated_gib", cuda.memory_allocated()), ("reserved_gib", cuda.memory_reserved()),
             ("peak_gib", cuda.max_memory_allocated())]}
-    if show:
-        print(", ".join(f"{key}: {value}" for key, value in report.items()))
+    print(", ".join(f"{key}: {value}" for key, value in report.items()))
     return report
 
 

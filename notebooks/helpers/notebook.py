@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .config import REPO_ROOT
 
 
 def setting(name: str, default):

@@ -82,12 +82,12 @@ def plot_lengths(lengths: list[int], max_length: int, name="lengths", out_dir=No
     return save_figure(fig, name, out_dir)
 
 
-def plot_loss_curves(curves: dict, name="loss", out_dir=None, title="Training loss") -> Path:
+def plot_loss_curves(curves: dict, name="loss", out_dir=None) -> Path:
     """One or more loss curves on one axis: {label: (steps, losses)}."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for label, (steps, losses) in curves.items():
         ax.plot(steps, losses, marker="." if len(steps) < 50 else None, label=label)
-    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.set(xlabel="step", ylabel="loss", title="Training loss")
     ax.legend()
     return save_figure(fig, name, out_dir)
 

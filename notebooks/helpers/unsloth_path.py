@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from .config import REPO_ROOT
 from .plots import plt, save_figure
 from .training import steady
 from recipe.presets import config_of_run  # noqa: F401  (notebook 04 reruns notebook 03's config with it)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Run records measured on a GPU (standard, unsloth, fast; the format of outputs/runs/<run>/metrics.json), used
 # where no GPU is available (CI): benchmarks/results/README.md says how they were made.
 REFERENCE_RUNS = REPO_ROOT / "benchmarks" / "results" / "runs"
