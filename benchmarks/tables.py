@@ -529,6 +529,13 @@ INDEX = [  # (claim, where it is quoted, glob patterns under results/, what prod
      "counts the same weights in both (NF4 stores two per byte)", "README: Measured results (after the notebook runs)",
      ["notebooks-gpu/notebook-02/*"], "`make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on "
      "notebook 02 (MODEL_ID that folder, DATA_SOURCE=data/sample) with LOAD_IN_4BIT=true, then without"),
+    ("Notebook 03 top to bottom in 4-bit on the full 52-layer architecture with the GPU held to an A100 40GB's "
+     "memory: loading, scoring, training, generation and reloading fit", "README: Which card, which mode",
+     ["notebooks-gpu/colab-40gb/*"], "`make_random_model.py --out /dev/shm/real` (the random 52-layer model, seed 0); "
+     "`run_notebook.py` on notebook 01 (MODEL_ID that folder, DATA_SOURCE=data/sample), then on notebook 03 with "
+     "LOAD_IN_4BIT=true MAX_STEPS=10 LOGGING_STEPS=1 and its default batch (8 rows x 4), in a process whose GPU "
+     "memory `torch.cuda.set_per_process_memory_fraction` held to 38.9 GiB (an A100 40GB's 39.4 less the CUDA "
+     "context)"),
     ("train.py under `configs/fsdp.yaml` in one process: under FSDP the weights load into CPU RAM (none on the GPU) "
      "and the Trainer shards them onto the GPU; `--fast` is refused there", "configs/README.md (FSDP)",
      ["scaling/fsdp-1gpu/*"], "the 8-layer random slice; `accelerate launch --config_file configs/fsdp.yaml "
