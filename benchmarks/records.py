@@ -18,6 +18,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_DEPTH = RESULTS / "fulldepth"
+# Notebook 03's run on a GPU (standard), notebook 04's (unsloth) and train.py --fast's (fast), as run records
+# (outputs/runs/<run>/metrics.json): what notebook 04 compares where no GPU can train (CI).
+REFERENCE_RUNS = RESULTS / "runs"
 # Tokens in one MedMCQA epoch with explanations: the project's documented estimate (README, "Measured results"),
 # not a count of the real dataset with the real tokenizer (the offline machines that measured cannot load it).
 EPOCH_TOKENS = 30_000_000
@@ -421,3 +424,35 @@ def full_depth_comparison(folder=FULL_DEPTH, epoch_tokens: int = EPOCH_TOKENS) -
             "warmup_steps": budget_of(record)["warmup"], "shapes_rule": rule,
             "gpu": record["gpu"]["name"], "date": record["date"][:10], "record": name})
     return rows
+
+
+def reference_runs(folder=REFERENCE_RUNS) -> tuple[dict, dict, dict | None]:
+    """The committed run records of notebooks 03 and 04 on a GPU: (standard, unsloth, fast or None)."""
+    folder = Path(folder)
+    fast = load_record(folder / "fast.json") if (folder / "fast.json").exists() else None
+    return load_record(folder / "standard.json"), load_record(folder / "unsloth.json"), fast
+
+
+def plot_epoch_hours(rows: list[dict], name="04_full_depth", out_dir=None) -> Path:
+    """Hours per MedMCQA epoch on the full model, per stack and LoRA configuration (rows of
+    `full_depth_comparison()`), drawn and shown as notebook 04's figures are (helpers.plots.save_figure)."""
+    import matplotlib.pyplot as plt
+
+    from benchmarks import REPO  # noqa: F401  (helpers on sys.path)
+    from helpers.plots import save_figure
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.6), squeeze=False)
+    colors = {"standard": "#4C72B0", "unsloth": "#DD8452", "fast": "#55A868"}
+    for ax, config in zip(axes[0], configs):
+        mine = [r for r in rows if r["config"] == config]
+        ax.bar([r["stack"] for r in mine], [r["epoch_hours"] for r in mine],
+               color=[colors.get(r["stack"], "grey") for r in mine])
+        for x, r in enumerate(mine):
+            ax.text(x, r["epoch_hours"], f"{r['epoch_hours']:.2f} h\n{r['tokens_per_second']:,.0f} tok/s",
+                    ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, max(r["epoch_hours"] for r in mine) * 1.35)
+        ax.set_ylabel("hours per MedMCQA epoch")
+        ax.set_title(config, fontsize=10)
+    fig.suptitle("Full 52-layer model, 8,192 tokens/step, one H200 (measured tokens/s; hours derived)", fontsize=10)
+    return save_figure(fig, name, out_dir)

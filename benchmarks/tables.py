@@ -548,7 +548,7 @@ INDEX = [  # (claim, where it is quoted, glob patterns under results/, what prod
      f"`{B} --variant unsloth --arch slice8 --model /dev/shm/slice8 --tokens-per-step 4096 --steps 4 --warmup 2` "
      "on a machine that had just run it once (its first try stopped at a 230 s limit while compiling)"),
     ("Notebooks 03 and 04 on a GPU, with the fast path as a third run", "README: Measured results; notebook 04 "
-     "without a GPU (`helpers.unsloth_path.reference_records`)", ["runs/*"],
+     "without a GPU (`benchmarks.records.reference_runs`)", ["runs/*"],
      "the 8-layer random model (`make_random_model.py --layers 8`) and the shipped sample; "
      "`python benchmarks/run_notebook.py notebooks/03_training.ipynb` with BATCH_SIZE=32 GRAD_ACCUM=1 "
      "LEARNING_RATE=1e-4 MAX_STEPS=25 ROUTED_EXPERTS=true; `train.py --like <that run> --fast`; then notebook 04 "

@@ -263,8 +263,9 @@ def test_steady_speed_skips_the_compiling_steps():
 
 def test_committed_reference_runs_are_comparable():
     """Notebook 04's offline comparison: the three committed GPU runs trained the same adapters on the same tokens."""
+    from benchmarks import records
     from helpers import unsloth_path
-    standard, unsloth, fast = unsloth_path.reference_records()
+    standard, unsloth, fast = records.reference_runs()
     assert [r["stack"] for r in (standard, unsloth, fast)] == ["standard", "unsloth", "fast"]
     table = unsloth_path.fairness_table(standard, unsloth, fast)
     assert " NO" not in table and table.count("yes") == 8

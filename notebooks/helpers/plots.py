@@ -1,6 +1,6 @@
 """The pictures of notebooks 01 (the data) and 03 (losses and accuracy): each function draws one figure, saves it as
 a PNG under `outputs/figures/` (for slides and the README), shows it inline in Jupyter and returns the PNG's path.
-Notebook 04's speed plots are in unsloth_path.py.
+Notebook 04's speed plots are in unsloth_path.py and benchmarks/records.py.
 """
 
 from __future__ import annotations

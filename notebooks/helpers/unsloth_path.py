@@ -1,5 +1,6 @@
-"""Notebook 04's helpers: import Unsloth first, check that its run is comparable, read the measured records and
-plot them. `import unsloth` must run before transformers, trl and peft are imported, so that Unsloth can patch
+"""Notebook 04's helpers: import Unsloth first, check that its run is comparable, read its run records and plot
+them (the committed GPU records it falls back on, and the full-depth chart, come from benchmarks/records.py).
+`import unsloth` must run before transformers, trl and peft are imported, so that Unsloth can patch
 them: nothing in `helpers` imports those at module level, and `try_import_unsloth()` is the notebook's first import.
 The lesson's calls (`FastLanguageModel.from_pretrained`, `get_peft_model`) stay in the notebook's cells.
 """
@@ -12,14 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .config import REPO_ROOT
 from .plots import plt, save_figure
 from .training import steady
 from recipe.presets import config_of_run  # noqa: F401  (notebook 04 reruns notebook 03's config with it)
-
-# Run records measured on a GPU (standard, unsloth, fast; the format of outputs/runs/<run>/metrics.json), used
-# where no GPU is available (CI): benchmarks/results/README.md says how they were made.
-REFERENCE_RUNS = REPO_ROOT / "benchmarks" / "results" / "runs"
 
 
 def try_import_unsloth():
@@ -107,13 +103,6 @@ def load_run_record(path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def reference_records(folder: str | Path = REFERENCE_RUNS) -> tuple[dict, dict, dict | None]:
-    """The committed GPU run records (standard, unsloth, and fast where measured) for machines that cannot train."""
-    folder = Path(folder)
-    fast = load_run_record(folder / "fast.json") if (folder / "fast.json").exists() else None
-    return load_run_record(folder / "standard.json"), load_run_record(folder / "unsloth.json"), fast
-
-
 def optional_run_record(path: str | Path) -> dict | None:
     """The run record at `path` if that run exists (e.g. the fast-path rerun of notebook 03's run), else None."""
     try:
@@ -158,24 +147,4 @@ def plot_stack_comparison(records: list[dict], name="04_speedup", out_dir=None, 
     unsloth = next((r["versions"].get("unsloth") for r in records if r["stack"] == "unsloth"), None)
     fig.suptitle(f"{' vs '.join(_label(r) for r in records)} - torch {v['torch']}, transformers "
                  f"{v['transformers']}, trl {v['trl']}, peft {v['peft']}, unsloth {unsloth} {note}", fontsize=9)
-    return save_figure(fig, name, out_dir)
-
-
-def plot_epoch_hours(rows: list[dict], name="04_full_depth", out_dir=None) -> Path:
-    """Hours per MedMCQA epoch on the full model, per stack and LoRA configuration (rows of
-    `benchmarks.records.full_depth_comparison()`: config, stack, tokens_per_second, epoch_hours)."""
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.6), squeeze=False)
-    colors = {"standard": "#4C72B0", "unsloth": "#DD8452", "fast": "#55A868"}
-    for ax, config in zip(axes[0], configs):
-        mine = [r for r in rows if r["config"] == config]
-        ax.bar([r["stack"] for r in mine], [r["epoch_hours"] for r in mine],
-               color=[colors.get(r["stack"], "grey") for r in mine])
-        for x, r in enumerate(mine):
-            ax.text(x, r["epoch_hours"], f"{r['epoch_hours']:.2f} h\n{r['tokens_per_second']:,.0f} tok/s",
-                    ha="center", va="bottom", fontsize=9)
-        ax.set_ylim(0, max(r["epoch_hours"] for r in mine) * 1.35)
-        ax.set_ylabel("hours per MedMCQA epoch")
-        ax.set_title(config, fontsize=10)
-    fig.suptitle("Full 52-layer model, 8,192 tokens/step, one H200 (measured tokens/s; hours derived)", fontsize=10)
     return save_figure(fig, name, out_dir)
