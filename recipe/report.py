@@ -44,7 +44,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, reuse: bool = False):
         source = synthetic.write_synthetic_split_files(synthetic_dir(cfg), seed=cfg.seed)
     return data.prepare_medmcqa(resolve_path(source), out_dir=cfg.data_dir, tokenizer=tokenizer,
                                 max_length=cfg.max_length, with_explanation=cfg.with_explanation,
-                                cop_base=cfg.cop_base, seed=cfg.seed)
+                                cop_base=cfg.cop_base)
 
 
 # ---------------------------------------------------------------- the report

@@ -257,15 +257,14 @@ def letter_baselines(splits: dict) -> str:
 
 def prepare_medmcqa(source="hub", out_dir: str | Path = FORMATTED_DIR, tokenizer=None,
                     max_length: int = 1024, with_explanation: bool = True, cop_base: int | None = None,
-                    revision: str | None = None, seed: int = 42, overwrite: bool = False):
+                    revision: str | None = None, overwrite: bool = False):
     """Load -> validate -> de-leak -> format -> length check -> save, with a manifest; returns (DatasetDict,
     manifest). `cop_base` (0 or 1) says how `cop` counts when the labels cannot tell (None: detect it). Data
     already prepared in `out_dir` with the same options is loaded, not rebuilt."""
     import datasets
     out_dir = Path(out_dir)
     options = {"source": str(source), "revision": revision, "with_explanation": with_explanation,
-               "max_length": max_length, "cop_base": cop_base, "seed": seed,
-               "tokenizer": getattr(tokenizer, "name_or_path", None)}
+               "max_length": max_length, "cop_base": cop_base, "tokenizer": getattr(tokenizer, "name_or_path", None)}
     if (out_dir / "manifest.json").exists() and not overwrite:
         manifest = json.loads((out_dir / "manifest.json").read_text())
         if manifest.get("options") == options:

@@ -155,13 +155,13 @@ def _check_kernels(need_gib) -> Check:
                  "on a CUDA machine install the locked kernels (README, 'Set up'), then restart Python")
 
 
-def preflight(model_id=DEFAULT_MODEL_ID, need_gib=None, shards=1, load_in_4bit="auto") -> list[Check]:
+def preflight(model_id=DEFAULT_MODEL_ID, shards=1, load_in_4bit="auto") -> list[Check]:
     """Check the model's type, GPU memory, disk space and Mamba kernels before spending an hour on a download: prints
     one line per check and returns them, never raises (pass the list to `require`). `shards`: FSDP over that many
     GPUs, each holding its share. `load_in_4bit` ("auto", "true", "false"): may a card too small for bf16 use NF4?"""
     model_id = str(model_id)
     _build_tiny_if_missing(model_id)  # the offline tiny model is made on first use
-    need_gib = _weights_gib(model_id) if need_gib is None else need_gib
+    need_gib = _weights_gib(model_id)
     share = need_gib / shards if need_gib is not None else None
     checks = []
     for name, check, args in [
