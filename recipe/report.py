@@ -22,8 +22,9 @@ def eval_dir(cfg: TrainConfig) -> Path:
 
 
 def synthetic_dir(cfg: TrainConfig) -> Path:
-    """Where `data_source=synthetic` writes the code-word task's raw files."""
-    return Path(cfg.output_root) / "data" / "synthetic-medmcqa"
+    """Where `data_source=synthetic` writes the code-word task's raw files: one folder per seed, so data prepared
+    from another seed's task is never reused for this one."""
+    return Path(cfg.output_root) / "data" / f"synthetic-medmcqa-seed{cfg.seed}"
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, reuse: bool = False):

@@ -293,6 +293,18 @@ def test_speedups_name_counted_steps_that_compiled(capsys):
     assert "fast vs standard: 2.00x" in out and "compiled" not in out
 
 
+def test_synthetic_data_of_another_seed_is_prepared_again(tmp_path):
+    """The prepared data is reused only for the same options: a new seed's synthetic task is written and prepared
+    afresh, not read back from the folder the last seed filled."""
+    from recipe.report import prepare_data
+
+    cfg = TrainConfig(data_source="synthetic", output_root=str(tmp_path), data_dir=str(tmp_path / "fmt"), seed=1)
+    first, _ = prepare_data(cfg, tokenizer=None)
+    second, _ = prepare_data(cfg.replace(seed=2), tokenizer=None)
+    assert first["train"]["prompt"] != second["train"]["prompt"]
+    assert prepare_data(cfg, tokenizer=None)[0]["train"]["prompt"] == first["train"]["prompt"]
+
+
 def test_learning_is_visible_on_the_synthetic_task(tmp_path, capsys):
     """`--preset learn`, through train.main: the tiny model learns the code-word rule (chance is 25%)."""
     import train
@@ -303,6 +315,7 @@ def test_learning_is_visible_on_the_synthetic_task(tmp_path, capsys):
     assert summary["reloaded_accuracy"] == summary["merged_accuracy"] == summary["adapter_accuracy"]
     record = read_record(tmp_path / "runs" / "learn")
     assert record["steps"] == PRESETS["learn"][1]["max_steps"]
-    assert (tmp_path / "data" / "synthetic-medmcqa" / "train.jsonl").is_file()  # generated data under output_root
+    seed = TrainConfig(**PRESETS["learn"][1]).seed
+    assert (tmp_path / "data" / f"synthetic-medmcqa-seed{seed}" / "train.jsonl").is_file()  # under output_root
     text = "\n".join(report_of(capsys.readouterr().out))
     assert "taught it the rule" in text and "plumbing" not in text
