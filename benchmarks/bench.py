@@ -314,7 +314,7 @@ def run_variant(args, variant: str, argv) -> dict:  # noqa: C901
         trainable = models.trainable_summary(model)
         print(f"Model: {counts['total']:,} parameters, {counts['active_per_token']:,} active per token; "
               f"{trainable['trainable_parameters']:,} trainable", flush=True)
-        dist = workload.length_distribution(length_tokenizer, args.lengths_from, args.max_length, args.seed)
+        dist = workload.length_distribution(length_tokenizer, args.lengths_from, args.max_length)
         print(f"Row lengths: {dist['rows']} rows from {dist['source']}; mean {dist['mean_tokens']:.0f} tokens",
               flush=True)
 

@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
 
     settings = settings_for(args.fast_features)
     model, tokenizer = models.random_lora_model(args.arch, args.seed, routed_experts=args.routed_experts)
-    dist = workload.length_distribution(tokenizer, max_length=1024, seed=args.seed)
+    dist = workload.length_distribution(tokenizer, max_length=1024)
     n = args.rows_per_step * (args.steps + 1)
     dataset = Dataset.from_dict(workload.random_rows(dist["pairs"], n, model.config.vocab_size, [args.seed, 1]))
     cfg = models.bench_config(seed=args.seed, max_length=1024, routed_experts=args.routed_experts).replace(

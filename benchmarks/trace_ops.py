@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
 
         fast = fastpath.Settings(args.fast_features, args.checkpointing)
     peft_model, tokenizer = models.random_lora_model(args.arch, args.seed, dtype=torch.bfloat16)
-    dist = workload.length_distribution(tokenizer, max_length=1024, seed=args.seed)
+    dist = workload.length_distribution(tokenizer, max_length=1024)
     rows = workload.random_rows(dist["pairs"], max(1, round(args.tokens / dist["mean_tokens"])),
                                 peft_model.config.vocab_size, [args.seed, 3])
     cfg = models.bench_config(seed=args.seed, max_length=1024).replace(

@@ -20,7 +20,7 @@ PROBE_ROWS = 4  # the fixed "first batch" whose loss every variant must reproduc
 PROBE_SEED = 7919  # its rows: random_rows(..., [seed, PROBE_SEED])
 
 
-def length_distribution(tokenizer, lengths_from=None, max_length: int = 1024, seed: int = 42) -> dict:
+def length_distribution(tokenizer, lengths_from=None, max_length: int = 1024) -> dict:
     """(prompt tokens, total tokens) pairs of real formatted rows, and where they came from.
 
     From `lengths_from` (a prepare_medmcqa output folder), else helpers.data.FORMATTED_DIR if prepared, else the
@@ -37,7 +37,7 @@ def length_distribution(tokenizer, lengths_from=None, max_length: int = 1024, se
     else:
         temp = Path(tempfile.mkdtemp(prefix="bench-lengths-"))
         dsd, manifest = data.prepare_medmcqa(data.SAMPLE_DIR, out_dir=temp / "formatted", tokenizer=tokenizer,
-                                             max_length=max_length, seed=seed)
+                                             max_length=max_length)
         tok_name = getattr(tokenizer, "name_or_path", None) or "tiny BPE tokenizer (recipe.offline)"
         source = (f"shipped sample {Path(data.SAMPLE_DIR).relative_to(REPO)} prepared with prepare_medmcqa (NOT the "
                   "real MedMCQA distribution)")

@@ -81,7 +81,7 @@ def test_first_batch_loss_matches_an_independent_computation(run):
     record, _, _ = run
     tokenizer = models.bench_tokenizer()
     llm = models.build_random_model(models.arch_config("tiny", tokenizer), 42)
-    dist = workload.length_distribution(tokenizer, max_length=64, seed=42)
+    dist = workload.length_distribution(tokenizer, max_length=64)
     rows = workload.probe_rows(dist["pairs"], llm.config.vocab_size, 42)
     nll, count = 0.0, 0
     llm.eval()
@@ -307,7 +307,7 @@ def test_check_fast_finds_the_fast_path_exact_on_an_attention_and_moe_model(benc
     values["hybrid_override_pattern"] = "*E*E"  # attention + MoE only
     llm = models.build_random_model(NemotronHConfig(**values), 0)
     model, _ = models.add_lora(llm, models.bench_config(seed=0))
-    dist = workload.length_distribution(tokenizer, max_length=128, seed=0)
+    dist = workload.length_distribution(tokenizer, max_length=128)
     rows = Dataset.from_dict(workload.random_rows(dist["pairs"], 12, llm.config.vocab_size, [0, 1]))
     cfg = models.bench_config(seed=0, max_length=128).replace(
         run_name="check", output_root=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=1,
