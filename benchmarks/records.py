@@ -275,8 +275,7 @@ def plot_scaling(records, out_path) -> Path:
     """Bars of tokens/s by process count (hatched: linear scaling from one process), speed-up on each bar."""
     import matplotlib.pyplot as plt
 
-    from benchmarks import REPO  # noqa: F401  (helpers on sys.path; helpers.plots picks a headless backend)
-    import helpers.plots  # noqa: F401
+    import helpers.plots  # noqa: F401  (picks a headless backend; the package put helpers on sys.path)
 
     rows = [row for row in scaling_rows(records) if row["budget"].get("status") == "ok"]
     if not rows:
@@ -306,7 +305,6 @@ def plot_records(records, out_path) -> Path:
     """Bars of steady tokens/s per variant and tokens/step, one panel per (arch, GPU); peak memory on each bar."""
     import matplotlib.pyplot as plt
 
-    from benchmarks import REPO  # noqa: F401
     import helpers.plots  # noqa: F401
 
     if not records:
@@ -438,7 +436,6 @@ def plot_epoch_hours(rows: list[dict], name="04_full_depth", out_dir=None) -> Pa
     `full_depth_comparison()`), drawn and shown as notebook 04's figures are (helpers.plots.save_figure)."""
     import matplotlib.pyplot as plt
 
-    from benchmarks import REPO  # noqa: F401  (helpers on sys.path)
     from helpers.plots import save_figure
 
     configs = list(dict.fromkeys(r["config"] for r in rows))

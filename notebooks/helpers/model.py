@@ -243,7 +243,7 @@ def count_parameters(model) -> dict:
             "dense_mlp", "norms", "lm_head", "lora", "other"]
     counts = dict.fromkeys(keys, 0)
     for name, param in model.named_parameters():
-        packed = param.dtype == torch.uint8 and (name.endswith(".original") or type(param).__name__ == "Params4bit")
+        packed = param.dtype == torch.uint8  # NF4 (quant.py, bitsandbytes' Linear4bit): two weights per byte
         counts[_block_of(name, config.layers_block_type)] += param.numel() * (2 if packed else 1)
     counts["total"] = sum(counts.values())
     idle_share = 1 - config.num_experts_per_tok / config.n_routed_experts
