@@ -133,6 +133,12 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
 
     distributed.init()  # several processes: join the group, claim GPU LOCAL_RANK (no-op for one process)
     main_process = distributed.is_main_process()
+    precision, why = quant.choose_precision(cfg.load_in_4bit)  # decided first: it settles what LoRA can reach
+    lora = lora_config(cfg, precision)
+    model.check_lora_targets(lora, precision)  # refuses targets whose adapter would never run, or 4-bit can't carry
+    if fast and precision == "nf4":
+        raise fastpath.Refused("--fast needs the bf16 base (its expert pieces read bf16 weights), and this run "
+                               "would load 4-bit: train without --fast, or on a card with room for bf16")
     with distributed.main_process_first():  # one process writes the shared files, the others reuse them
         if args.fresh and main_process:
             shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # train from step 0
@@ -146,11 +152,7 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         return evaluation.evaluate(llm, tokenizer, val, f"{cfg.run_name}-{label}", limit=cfg.eval_limit,
                                    batch_size=cfg.eval_batch_size, out_dir=report.eval_dir(cfg))
 
-    precision, why = quant.choose_precision(cfg.load_in_4bit)
     print(f"Precision: {precision} ({why})")
-    if fast and precision == "nf4":
-        raise fastpath.Refused("--fast needs the bf16 base (its expert pieces read bf16 weights), and this run "
-                               "would load 4-bit: train without --fast, or on a card with room for bf16")
     load = quant.load_model_4bit if precision == "nf4" else load_model
     base, tokenizer = load(cfg.model_id, revision=cfg.revision, device_map=distributed.device_map())
     if not args.skip_base_eval and not sharded and main_process:
@@ -158,10 +160,6 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
     distributed.wait_for_everyone()  # the others wait while the main process scores the base model
 
     set_seed(cfg.seed)  # the LoRA A matrices start random: the same seed gives the same start
-    lora = lora_config(cfg, precision)
-    model.check_lora_targets(lora)  # refuses targets whose adapter would never run
-    if precision == "nf4":
-        quant.check_lora_config(lora)  # e.g. routed-expert LoRA: PEFT cannot reach NF4 experts
     peft_model = get_peft_model(base, lora)
     peft_model.print_trainable_parameters()
     timer = training.StepTimer()
@@ -175,7 +173,8 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         training.print_plan(training.batch_plan(trainer), resume)
     patches = fastpath.applied(trainer, fast) if fast else contextlib.nullcontext({})
     with patches as applied, training.cpu_loss_fallback():  # every patch is undone on any exit
-        trainer.train(resume_from_checkpoint=resume)
+        if not training.already_trained(trainer, resume):  # a finished run is loaded, not trained a step more
+            trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(cfg.checkpoint_dir))  # the adapter + tokenizer (every process calls it; one writes)
     record = training.run_record(trainer, cfg, timer, stack="fast" if fast else "standard", resumed_from=resume,
                                  fast_pieces=applied, per_process=distributed.per_process_memory())

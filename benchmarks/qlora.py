@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from benchmarks.models import build_random_model  # noqa: E402  (seeded, built where it runs)
 from helpers import quant  # noqa: E402
+from helpers.model import check_lora_targets  # noqa: E402
 from train import free_memory  # noqa: E402
 
 GIB = 2**30
@@ -118,7 +119,7 @@ def lora_config():
 
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=quant.LORA_TARGETS_4BIT, bias="none",
                         task_type="CAUSAL_LM")
-    quant.check_lora_config(config)
+    check_lora_targets(config, "nf4")
     return config
 
 

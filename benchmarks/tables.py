@@ -529,6 +529,26 @@ INDEX = [  # (claim, where it is quoted, glob patterns under results/, what prod
      "counts the same weights in both (NF4 stores two per byte)", "README: Measured results (after the notebook runs)",
      ["notebooks-gpu/notebook-02/*"], "`make_random_model.py --layers 8 --out /dev/shm/slice8`; `run_notebook.py` on "
      "notebook 02 (MODEL_ID that folder, DATA_SOURCE=data/sample) with LOAD_IN_4BIT=true, then without"),
+    ("Notebook 02 in 4-bit and in bf16 and notebook 03 in 4-bit, each with its one LoRA-target check "
+     "(`model.check_lora_targets(lora_config, precision)`); the pre-flight on the GPU, and its GPU check with 5 GiB "
+     "left free (bf16 refused, 4-bit allowed, or refused when 4-bit is not); `train.py --fast` on the sample",
+     "README: Measured results (after the notebook runs)", ["notebooks-gpu/lora-check/*"],
+     "`make_random_model.py --layers 8 --out /dev/shm/slice8`; `preflight.log`: `model.fast_kernels_status()`, "
+     "`model.preflight` in both modes, then `model._check_gpu` with all but 5 GiB of the card taken; `run_notebook.py` "
+     "on notebook 02 (MODEL_ID that folder, DATA_SOURCE=data/sample) with LOAD_IN_4BIT=true and without, on notebook "
+     "01, then on notebook 03 with BATCH_SIZE=32 GRAD_ACCUM=1 LEARNING_RATE=1e-4 MAX_STEPS=25 MERGE=true "
+     "LOAD_IN_4BIT=true RUN_NAME=nf4; then `train.py --set model_id=/dev/shm/slice8 data_source=data/sample "
+     "data_dir=/tmp/train-data max_steps=8 per_device_train_batch_size=16 gradient_accumulation_steps=1 "
+     "eval_limit=16 logging_steps=1 run_name=train-fast --skip-base-eval --fast` (a first try, on a cold machine, "
+     "stopped at a 250 s limit of the command)"),
+    ("A finished run run again (max_steps in mid-epoch): `train.py --fast` and `train.py` in 4-bit each load the "
+     "last checkpoint's adapter and train no step more; the record is kept", "README: Measured results (after the "
+     "notebook runs)", ["notebooks-gpu/rerun/*"],
+     "`make_random_model.py --layers 8 --out /dev/shm/slice8`; twice each, `train.py --set model_id=/dev/shm/slice8 "
+     "data_source=data/sample data_dir=/tmp/train-data max_steps=4 save_steps=2 per_device_train_batch_size=16 "
+     "gradient_accumulation_steps=1 eval_limit=16 logging_steps=1 run_name=fast-rerun --skip-base-eval --fast`, "
+     "then the same with `load_in_4bit=true run_name=nf4-rerun` and without --fast (`summary.log`: the closing "
+     "lines of all four)"),
     ("Notebook 03 top to bottom in 4-bit on the full 52-layer architecture with the GPU held to an A100 40GB's "
      "memory: loading, scoring, training, generation and reloading fit", "README: Which card, which mode",
      ["notebooks-gpu/colab-40gb/*"], "`make_random_model.py --out /dev/shm/real` (the random 52-layer model, seed 0); "

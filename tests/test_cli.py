@@ -63,6 +63,8 @@ MISTAKES = {  # argv -> what the one or two lines must say
                                ["someone/some-model", "CUDA GPU", "--preset smoke"]),
     "--fast on CPU": (["--preset", "smoke", "--fast"], ["--fast needs a CUDA GPU", "drop --fast"]),
     "fast flag without --fast": (["--preset", "smoke", "--checkpointing", "moe:2"], ["--checkpointing", "--fast"]),
+    "out of range": (["--preset", "smoke", "--set", "per_device_train_batch_size=0", "lora_dropout=1"],
+                     ["per_device_train_batch_size=0 (at least 1)", "lora_dropout=1.0 (0 or more, below 1)"]),
 }
 
 
@@ -106,6 +108,39 @@ def test_mistakes_are_found_before_anything_heavy_is_imported(repo):
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_settings_out_of_range_are_refused_in_one_message():
+    """Each value that would fail deep inside training (a division by a batch of 0, PEFT's rank check, the
+    optimizer's learning rate check) is named at once; the defaults and every preset pass."""
+    bad = {"per_device_train_batch_size": 0, "gradient_accumulation_steps": 0, "lora_r": 0, "eval_limit": 0,
+           "learning_rate": -1.0, "lora_alpha": 0, "max_length": 0, "warmup_ratio": 1.0, "weight_decay": -0.1}
+    with pytest.raises(ValueError) as error:
+        TrainConfig(**bad)
+    assert all(f"{name}={value}" in str(error.value) for name, value in bad.items()), error.value
+    assert "notebook 03" in str(error.value) and "--set" in str(error.value)
+    with pytest.raises(ValueError, match="num_train_epochs=0"):
+        TrainConfig().replace(num_train_epochs=0)
+    assert TrainConfig().replace(num_train_epochs=0, max_steps=5).max_steps == 5  # steps alone are enough
+    for name in PRESETS:
+        cli.parse(["--preset", name], checks=False)
+
+
+def test_lora_that_4bit_cannot_carry_is_refused_before_loading_or_data(monkeypatch, capsys):
+    """load_in_4bit=true with routed-expert LoRA: refused in one line before the data is prepared or the model
+    loaded (on the real model those take minutes)."""
+    import train
+    from helpers import quant
+    from recipe import report
+
+    def reached(*args, **kwargs):
+        raise AssertionError("should have been refused first")
+
+    monkeypatch.setattr(report, "prepare_data", reached)
+    monkeypatch.setattr(quant, "load_model_4bit", reached)
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--preset", "smoke", "--set", "load_in_4bit=true", "routed_experts=true"])
+    assert exit.value.code == 2 and "cannot reach NF4 experts" in capsys.readouterr().err
 
 
 def test_a_bad_data_line_is_reported_in_one_line(tmp_path, capsys):

@@ -70,7 +70,7 @@ def test_summary_accuracy_ci_subjects_and_bias():
     s = evaluation.summarize(preds)
     assert s["n"] == 8 and s["correct"] == 2 and s["accuracy"] == 0.25
     assert s["predicted_letters"]["A"] == 1.0
-    assert "always answering A scores 25.0%" in evaluation.baselines({"predictions": preds})
+    assert "always answering A scores 25.0%" in data.letter_baselines({"validation": preds})
     assert s["per_subject"]["S1"] == {"n": 6, "accuracy": 2 / 6}
     lo, hi = s["ci95"]
     assert 0.0 < lo < 0.25 < hi < 0.7

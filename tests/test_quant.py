@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import quant
+from helpers.model import check_lora_targets
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "outputs" / "tiny-nemotron")  # built on first use by the loaders
@@ -67,7 +68,7 @@ def lora(model):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=8, lora_alpha=16, target_modules=quant.LORA_TARGETS_4BIT, task_type="CAUSAL_LM")
-    quant.check_lora_config(config)
+    check_lora_targets(config, "nf4")
     torch.manual_seed(0)
     return get_peft_model(model, config)
 
@@ -210,10 +211,10 @@ def test_lora_targets_4bit_are_the_tutorials_targets(trained, full):
     with pytest.raises(ValueError, match="not supported"):  # the list matches the NF4 container by name
         get_peft_model(model, LoraConfig(target_modules=LORA_TARGET_MODULES, task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="LORA_TARGETS_4BIT"):
-        quant.check_lora_config(LoraConfig(target_modules=LORA_TARGET_MODULES))
+        check_lora_targets(LoraConfig(target_modules=LORA_TARGET_MODULES), "nf4")
     with pytest.raises(ValueError, match="routed experts.*Fix"):
-        quant.check_lora_config(LoraConfig(target_modules=quant.LORA_TARGETS_4BIT,
-                                           target_parameters=["mixer.experts.up_proj"]))
+        check_lora_targets(LoraConfig(target_modules=quant.LORA_TARGETS_4BIT,
+                                      target_parameters=["mixer.experts.up_proj"]), "nf4")
 
 
 def test_sft_trainer_trains_the_4bit_model(trained):

@@ -185,6 +185,38 @@ def test_killed_run_resumes_to_the_same_end_and_loss(repo, tiny_model_dir, sampl
         assert loss_a[step] == pytest.approx(loss_b[step], rel=2e-3), step
 
 
+def test_a_finished_run_is_loaded_not_trained_a_step_more(tiny_model_dir, sample_data, tmp_path, capsys):
+    """max_steps=4 ends in mid-epoch (12 steps per epoch): resumed from checkpoint-4, transformers would train a
+    fifth step and the record would be replaced. already_trained loads the checkpoint's adapter and state instead;
+    a checkpoint short of the plan still resumes. Routed-expert LoRA too (PEFT target_parameters)."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    dataset, data_dir = sample_data
+    cfg = tiny_cfg(tiny_model_dir, data_dir, tmp_path, save_steps=2, routed_experts=True)
+    trainer, timer, _ = sft_trainer(cfg, dataset)
+    assert not training.already_trained(trainer, None)
+    with training.cpu_loss_fallback():
+        trainer.train()
+    trained = {k: v.clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    assert any(".experts." in k for k in trained)
+    training.save_run_record(training.run_record(trainer, cfg, timer), cfg.run_dir)
+    kept = (cfg.run_dir / "metrics.json").read_text()
+
+    again, timer, _ = sft_trainer(cfg, dataset)  # the notebook's cells run again: a fresh LoRA
+    last = get_last_checkpoint(str(cfg.checkpoint_dir))
+    assert last.endswith("checkpoint-4") and training.already_trained(again, last)
+    assert "holds all 4 planned steps" in capsys.readouterr().out
+    loaded = get_peft_model_state_dict(again.model)
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
+    record = training.run_record(again, cfg, timer, resumed_from=last)
+    assert record["steps"] == 4 and record["steps_this_run"] == 0 and record["loss_history"]
+    training.save_run_record(record, cfg.run_dir)
+    assert (cfg.run_dir / "metrics.json").read_text() == kept and not (cfg.checkpoint_dir / "checkpoint-5").exists()
+    longer, _, _ = sft_trainer(cfg.replace(max_steps=6), dataset)  # more steps asked: checkpoint-4 resumes
+    assert not training.already_trained(longer, last)
+
+
 def report_of(out: str) -> list[str]:
     """The lines of train.py's closing report (between its two rules of '=')."""
     lines = out.splitlines()

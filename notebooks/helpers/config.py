@@ -51,6 +51,21 @@ class TrainConfig:
     output_root: str = str(OUTPUTS)
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        """A value out of range is refused here, in one message, not deep inside training."""
+        v = vars(self)
+        whole = ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "eval_batch_size",
+                 "logging_steps", "save_steps", "save_total_limit", "train_limit", "eval_limit")  # None: no limit
+        bad = [f"{k}={v[k]} (at least 1)" for k in whole if v[k] is not None and v[k] < 1]
+        bad += [f"{k}={v[k]} (above 0)" for k in ("learning_rate", "lora_alpha", "max_length") if v[k] <= 0]
+        bad += [f"{k}={v[k]} (0 or more, below 1)" for k in ("warmup_ratio", "lora_dropout") if not 0 <= v[k] < 1]
+        bad += [f"weight_decay={self.weight_decay} (0 or more)"] if self.weight_decay < 0 else []
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            bad.append(f"num_train_epochs={self.num_train_epochs} (above 0, unless max_steps is)")
+        if bad:
+            raise ValueError("Out of range: " + "; ".join(bad) + ". Fix it in notebook 03's parameters cell, or "
+                             "with train.py --set NAME=VALUE.")
+
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.output_root) / "checkpoints" / self.run_name

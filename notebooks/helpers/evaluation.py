@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .data import LETTERS, UnlabelledSplitError, letter_baselines
+from .config import OUTPUTS
+from .data import LETTERS, UnlabelledSplitError
 from .model import pad_id
 
-EVAL_DIR = Path(__file__).resolve().parents[2] / "outputs" / "eval"
+EVAL_DIR = OUTPUTS / "eval"
 
 
 def letter_token_ids(tokenizer) -> list[int]:
@@ -58,13 +59,10 @@ def predict_letters(model, tokenizer, examples: list[dict], batch_size: int = 8,
 
 
 def compare_answers(first: dict, second: dict) -> dict:
-    """Two scorings of the same questions (e.g. the adapter in memory, then reloaded from disk): do they agree?
-
-    `same`: every question gets the same letter. `largest_score_difference`: how far apart the two runs' letter
-    scores are at most. Other code paths or bf16 rounding move scores a little, which can flip a question whose two
-    best letters are closer than that (`flipped_margins`): a flip with a tiny margin is rounding, not a change.
-    `text` says all this in one line.
-    """
+    """Two scorings of the same questions (e.g. the adapter in memory, then reloaded from disk): the same letters?
+    Other code paths or bf16 rounding move the letter scores a little (`largest_score_difference`), which can flip a
+    question whose two best letters were closer than that (`flipped_margins`): a flip with a tiny margin is rounding,
+    not a change. `text` says all this in one line."""
     a, b = first["predictions"], second["predictions"]
     if [p["id"] for p in a] != [p["id"] for p in b]:
         raise ValueError("compare_answers needs two scorings of the same questions in the same order "
@@ -103,11 +101,6 @@ def summarize(predictions: list[dict]) -> dict:
     return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci95": wilson_interval(correct, n),
             "per_subject": {s: {"n": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(by_subject.items())},
             "predicted_letters": {L: predicted[L] / n for L in LETTERS} if n else {}}
-
-
-def baselines(result: dict) -> str:
-    """What a model that knows nothing scores on the questions `result` scored: always A, the commonest letter."""
-    return letter_baselines({"validation": result["predictions"]})
 
 
 def per_subject_table(before: dict, after: dict) -> str:

@@ -47,21 +47,16 @@ def _version(distribution: str) -> str | None:
 
 
 def fast_kernels_status() -> dict:
-    """Which Mamba-2 code transformers will really run: the fused CUDA kernels or its torch reference.
-
-    transformers tries mamba_ssm / causal_conv1d once, when modeling_nemotron_h is imported, and keeps what it found
-    in each kernel wrapper's closure: this reads it back. Kernels installed after that import count after a restart.
-    """
+    """Which Mamba-2 code transformers will really run: the fused CUDA kernels or its torch reference. transformers
+    tries mamba_ssm / causal_conv1d once, when modeling_nemotron_h is imported, and keeps what it found in each kernel
+    wrapper's closure: this reads it back. Kernels installed after that import count after a restart."""
     from transformers.models.nemotron_h import modeling_nemotron_h as nemotron_h
 
-    def bound(function) -> str:
-        if isinstance(function, functools.partial) and function.args:  # fastpath wraps the kernel in a partial
-            function = function.args[0]
-        try:
-            module = getattr(inspect.getclosurevars(function).nonlocals.get("implementation"), "__module__", None)
-        except TypeError:  # not a plain function any more (patched, or a hub kernel)
-            return "unknown"
-        return "torch reference" if (module or "").startswith("transformers") else module or "unknown"
+    def bound(fn) -> str:
+        fn = fn.args[0] if isinstance(fn, functools.partial) and fn.args else fn  # fastpath wraps it in a partial
+        found = inspect.getclosurevars(fn).nonlocals.get("implementation") if inspect.isfunction(fn) else None
+        module = getattr(found, "__module__", None) or "unknown"  # unknown: patched, or a hub kernel
+        return "torch reference" if module.startswith("transformers") else module
 
     implementations = {op: bound(fn) for op, fn in [
         ("training (fused conv + scan + norm + out_proj)", nemotron_h.mamba2_split_conv1d_scan_combined),
@@ -85,23 +80,21 @@ def _weights_gib(model_id: str) -> float | None:
 def _check_gpu(need_gib, four_bit_gib=None) -> Check:
     """Is there a GPU with enough free memory for the bf16 weights, or else (when allowed) the 4-bit ones?"""
     if not torch.cuda.is_available():
-        if need_gib is not None and need_gib < 1:
-            return Check("GPU", True, "no GPU: fine for the offline tiny model only")
-        size = f" with ~{need_gib:.0f} GiB free" if need_gib else ""
-        return Check("GPU", False, f"no GPU: this model needs a CUDA GPU{size} for its weights",
+        tiny = need_gib is not None and need_gib < 1
+        return Check("GPU", tiny, "no GPU: fine for the offline tiny model only" if tiny else "no GPU: this model "
+                     f"needs a CUDA GPU{f' with ~{need_gib:.0f} GiB free' if need_gib else ''} for its weights",
                      "run on a CUDA GPU (bf16: 80 GB; 4-bit: 40 GB, even 24 GB); on a CPU use the offline tiny model "
                      "(train.py --preset smoke; notebooks: MODEL_ID=outputs/tiny-nemotron)")
     free, total = (x / GIB for x in torch.cuda.mem_get_info())
     gpu = f"{torch.cuda.get_device_name()}: {free:.1f} of {total:.1f} GiB free"
-    if need_gib is not None and free < need_gib:
-        if four_bit_gib is not None and free >= four_bit_gib:
-            return Check("GPU", True, f"{gpu}: too small for the bf16 weights (~{need_gib:.0f} GiB), enough for "
-                                      f"the 4-bit ones (~{four_bit_gib:.0f} GiB)")
-        smallest = four_bit_gib if four_bit_gib is not None else need_gib
-        allow = "" if four_bit_gib is not None else ", or allow 4-bit (LOAD_IN_4BIT / --set load_in_4bit=auto)"
-        return Check("GPU", False, f"{gpu}; the weights alone need ~{smallest:.0f} GiB even in the smallest allowed "
-                     "mode", f"use a larger card (or stop other processes on it: nvidia-smi){allow}")
-    return Check("GPU", True, gpu + (f"; bf16 weights need ~{need_gib:.0f} GiB" if need_gib else ""))
+    if need_gib is None or free >= need_gib:
+        return Check("GPU", True, gpu + (f"; bf16 weights need ~{need_gib:.0f} GiB" if need_gib else ""))
+    if four_bit_gib is not None and free >= four_bit_gib:
+        return Check("GPU", True, f"{gpu}: too small for the bf16 weights (~{need_gib:.0f} GiB), enough for the "
+                                  f"4-bit ones (~{four_bit_gib:.0f} GiB)")
+    allow = "" if four_bit_gib else ", or allow 4-bit (LOAD_IN_4BIT / --set load_in_4bit=auto)"
+    return Check("GPU", False, f"{gpu}; the weights alone need ~{four_bit_gib or need_gib:.0f} GiB even in the "
+                 "smallest allowed mode", f"use a larger card (or stop other processes on it: nvidia-smi){allow}")
 
 
 def _existing_parent(path) -> Path:
@@ -122,10 +115,8 @@ def _check_disk(model_id, need_gib) -> Check:
         return Check("disk", True, f"weights already on disk ({free:.0f} GiB free at {folder})")
     if need_gib is None:
         return Check("disk", True, f"{free:.0f} GiB free at {folder} (model size unknown, not checked)")
-    message = f"{free:.0f} GiB free at {folder}, ~{need_gib:.0f} GiB needed for the download"
-    if free < need_gib:
-        return Check("disk", False, message, "free disk space, or point HF_HOME to a disk with room")
-    return Check("disk", True, message)
+    return Check("disk", free >= need_gib, f"{free:.0f} GiB free at {folder}, ~{need_gib:.0f} GiB needed for the "
+                 "download", "free disk space, or point HF_HOME to a disk with room")
 
 
 def _check_model(model_id) -> Check:
@@ -239,9 +230,8 @@ def count_parameters(model) -> dict:
     """Parameters per block type, their total, and how many are active for one token (only k of the E routed
     experts run: active = total - routed * (1 - k/E)). Works on meta-device, PEFT and 4-bit models (2 NF4 per byte)."""
     config = model.config
-    keys = ["embeddings", "mamba", "attention", "router", "routed_experts", "shared_experts",
-            "dense_mlp", "norms", "lm_head", "lora", "other"]
-    counts = dict.fromkeys(keys, 0)
+    counts = dict.fromkeys("embeddings mamba attention router routed_experts shared_experts dense_mlp norms lm_head "
+                           "lora other".split(), 0)
     for name, param in model.named_parameters():
         packed = param.dtype == torch.uint8  # NF4 (quant.py, bitsandbytes' Linear4bit): two weights per byte
         counts[_block_of(name, config.layers_block_type)] += param.numel() * (2 if packed else 1)
@@ -291,16 +281,24 @@ BYPASSED_TARGETS = {"out_proj": "the fused Mamba training kernel (mamba_ssm) rea
                     "conv1d": "the Mamba mixer hands mixer.conv1d.weight straight to the convolution kernel"}
 
 
-def check_lora_targets(config) -> None:
-    """Refuse LoRA targets whose adapter would silently never run, and dropout the routed experts can't use."""
-    targets = config.target_modules
+def check_lora_targets(config, precision: str = "bf16") -> None:
+    """Refuse LoRA targets whose adapter would silently never run, dropout the routed experts can't use, and on the
+    4-bit model (`precision="nf4"`, quant.py) what PEFT cannot put there (it would fail, or skip the experts)."""
+    targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules or []
     for name, reason in BYPASSED_TARGETS.items():
-        if any(name in target for target in ([targets] if isinstance(targets, str) else targets or [])):
+        if any(name in target for target in targets):
             raise ValueError(f"LoRA on '{name}' would never run: {reason}, bypassing any adapter on the module. "
                              f"Fix: remove '{name}' from target_modules (defaults: {LORA_TARGET_MODULES}).")
     if config.target_parameters and config.lora_dropout:
         raise ValueError("LoRA dropout must be 0.0 with routed-expert LoRA: PEFT adds B@A to the fused expert "
                          "weights, where dropout on the input cannot be applied. Fix: lora_dropout=0.0.")
+    if precision == "nf4" and config.target_parameters:
+        raise ValueError("LoRA on the routed experts (target_parameters) cannot reach NF4 experts: PEFT would train "
+                         "without them. Fix: ROUTED_EXPERTS / routed_experts=False in 4-bit, or train in bf16.")
+    if precision == "nf4" and {"up_proj", "down_proj"} & set(targets):
+        raise ValueError("target_modules up_proj/down_proj also match the NF4 experts' container "
+                         "(experts.parametrizations.up_proj), which PEFT refuses. Fix: "
+                         "target_modules=quant.LORA_TARGETS_4BIT (the same layers, as a regex).")
 
 
 def save_merged(merged, tokenizer, out_dir) -> Path:

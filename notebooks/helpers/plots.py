@@ -15,9 +15,10 @@ if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "qt", 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
+from .config import OUTPUTS  # noqa: E402
 from .data import LETTERS  # noqa: E402
 
-FIGURES_DIR = Path(__file__).resolve().parents[2] / "outputs" / "figures"
+FIGURES_DIR = OUTPUTS / "figures"
 
 
 def save_figure(fig, name: str, out_dir: str | Path | None = None) -> Path:

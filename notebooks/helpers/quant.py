@@ -1,7 +1,7 @@
 """4-bit (QLoRA) loading for notebooks 02-03 and train.py, where the bf16 model does not fit the GPU:
 `choose_precision` picks bf16 or NF4; `load_model_4bit` quantizes the routed experts (29.4B of the 31.6B parameters)
 to NF4 as `from_pretrained` sets them, so the bf16 model is never whole on the GPU (on a 24 GB card the other
-linears too); `LORA_TARGETS_4BIT` and `check_lora_config` keep LoRA where 4-bit can carry it. No
+linears too); `LORA_TARGETS_4BIT` keeps LoRA where 4-bit can carry it (model.check_lora_targets checks). No
 `prepare_model_for_kbit_training`: TRL already enables input gradients for checkpointing, and that step would copy
 the 2.2B unquantized parameters to float32 (+4 GiB).
 """
@@ -36,10 +36,9 @@ def require_bitsandbytes() -> str:
     """The installed bitsandbytes version; one clear error if it is missing or older than 0.50."""
     version = _version("bitsandbytes")
     if version is None or tuple(int(x) for x in version.split(".")[:2]) < (0, 50):
-        raise RuntimeError(f"4-bit loading needs bitsandbytes >= 0.50 (found: {version or 'not installed'}; 0.50 "
-                           "fixed a leak of dequantized weights under gradient checkpointing). Fix: run through "
-                           "`./run ...`, which syncs requirements.lock (bitsandbytes 0.50.2), restart Python, or "
-                           "load in bf16.")
+        raise RuntimeError(f"4-bit loading needs bitsandbytes >= 0.50 (found: {version or 'not installed'}; 0.50 fixed"
+                           " a leak of dequantized weights under gradient checkpointing). Fix: run through `./run ...`"
+                           " (it installs requirements.lock's bitsandbytes 0.50.2), restart Python, or load in bf16.")
     return version
 
 
@@ -68,17 +67,6 @@ def choose_precision(load_in_4bit="auto", gpu_total_gib=None) -> tuple[str, str]
     if fits:
         return "bf16", "no GPU: full precision (float32) on the CPU" if total is None else f"{card} has room: {bf16}"
     return "nf4", f"{card}: {bf16}, so {nf4}"
-
-
-def check_lora_config(config) -> None:
-    """Refuse a LoraConfig that cannot work on the 4-bit model (PEFT would fail, or silently skip the experts)."""
-    if config.target_parameters:
-        raise ValueError("LoRA on the routed experts (target_parameters) cannot reach NF4 experts: PEFT would train "
-                         "without them. Fix: ROUTED_EXPERTS / routed_experts=False in 4-bit, or train in bf16.")
-    if not isinstance(config.target_modules, str) and {"up_proj", "down_proj"} & set(config.target_modules or ()):
-        raise ValueError("target_modules up_proj/down_proj also match the NF4 experts' container "
-                         "(experts.parametrizations.up_proj), which PEFT refuses. Fix: "
-                         "target_modules=quant.LORA_TARGETS_4BIT (the same layers, as a regex).")
 
 
 @contextlib.contextmanager
@@ -156,10 +144,9 @@ def load_model_4bit(model_id=DEFAULT_MODEL_ID, revision=None, all_linears="auto"
 
 
 def _peak_ram_gib() -> float | str:
-    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS), in GiB."""
+    """This process's peak resident memory so far in GiB (ru_maxrss: KiB on Linux, bytes on macOS; n/a on Windows)."""
     try:
         import resource
-    except ImportError:  # Windows
+    except ImportError:
         return "n/a"
-    unit = 2**30 if sys.platform == "darwin" else 2**20
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20), 1)

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .model import GIB, _version
 
 WARMUP_STEPS = 2  # steps left out of "steady" speed: each new batch shape compiles kernels once
+_sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None  # wait for the GPU before timing
 
 
 class StepTimer:
@@ -47,11 +48,6 @@ class StepTimer:
                 self._t, self._tokens, self.wall = now, tokens, now - self._start
 
         return _StepTimer()
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 @contextlib.contextmanager
@@ -93,6 +89,26 @@ def batch_plan(trainer) -> dict:
             "gradient_accumulation": args.gradient_accumulation_steps,
             "rows_per_step": processes * args.per_device_train_batch_size * args.gradient_accumulation_steps,
             "steps_per_epoch": per_epoch, "learning_rate": args.learning_rate, "planned_steps": steps}
+
+
+def already_trained(trainer, checkpoint) -> bool:
+    """Whether `checkpoint` (None: a first run) already holds all the planned steps; if so, its adapter weights and
+    trainer state are loaded into `trainer`, to be saved and recorded as they were, and nothing trains. Needed
+    because transformers (5.17) resumed from a checkpoint at max_steps in mid-epoch trains one step more."""
+    if checkpoint is None:
+        return False
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    state, planned = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")), batch_plan(trainer)
+    if state.global_step < planned["planned_steps"]:
+        return False  # an interrupted run: trainer.train resumes it
+    set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    trainer.state = state
+    print(f"{checkpoint} holds all {planned['planned_steps']} planned steps: the run is finished; its adapter is "
+          "loaded and nothing trains.")
+    return True
 
 
 def rows_trained(plan: dict, rows: int, steps: int) -> int:
@@ -151,7 +167,9 @@ def save_run_record(record: dict, run_dir: Path) -> Path:
 
 
 def print_run_summary(record: dict) -> None:
-    """The few numbers a learner wants after training, in one line."""
+    """The few numbers a learner wants after training, in one line (none when this run trained no step)."""
+    if record.get("steps_this_run") == 0:  # (records older than this field always trained)
+        return
     hw = record["hardware"]
     memory = (f", peak GPU memory {hw['peak_allocated_gib']} GiB allocated / {hw['peak_reserved_gib']} GiB reserved"
               if hw.get("gpu_name") else " on CPU")
