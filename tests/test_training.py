@@ -215,6 +215,9 @@ def test_a_finished_run_is_loaded_not_trained_a_step_more(tiny_model_dir, sample
     assert (cfg.run_dir / "metrics.json").read_text() == kept and not (cfg.checkpoint_dir / "checkpoint-5").exists()
     longer, _, _ = sft_trainer(cfg.replace(max_steps=6), dataset)  # more steps asked: checkpoint-4 resumes
     assert not training.already_trained(longer, last)
+    other, _, _ = sft_trainer(cfg.replace(routed_experts=False), dataset)  # the same name, other LoRA targets
+    with pytest.raises(ValueError, match="another adapter than this run's LoRA settings"):
+        training.already_trained(other, last)
 
 
 def report_of(out: str) -> list[str]:

@@ -104,7 +104,10 @@ def already_trained(trainer, checkpoint) -> bool:
     state, planned = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")), batch_plan(trainer)
     if state.global_step < planned["planned_steps"]:
         return False  # an interrupted run: trainer.train resumes it
-    set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    loaded = set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    if loaded.unexpected_keys or any("lora_" in key for key in loaded.missing_keys):
+        raise ValueError(f"{checkpoint} holds another adapter than this run's LoRA settings make (other targets or "
+                         "rank). Fix: give this run another name, or delete that run's checkpoints (train.py: --fresh).")
     trainer.state = state
     print(f"{checkpoint} holds all {planned['planned_steps']} planned steps: the run is finished; its adapter is "
           "loaded and nothing trains.")
