@@ -203,9 +203,9 @@ def pipeline(args, cfg: TrainConfig) -> dict | None:
         reloaded = PeftModel.from_pretrained(bf16_base, str(cfg.checkpoint_dir))
     merged = reloaded.merge_and_unload(safe_merge=True)
     evals["merged"] = score(merged, tokenizer, "merged")
-    if args.save_merged:
-        model.save_merged(merged, tokenizer, Path(cfg.output_root) / "merged" / cfg.run_name)
-    return report.finish(cfg, record_path, manifest, evals, record=record, preset=preset)
+    saved = model.save_merged(merged, tokenizer, Path(cfg.output_root) / "merged" / cfg.run_name) \
+        if args.save_merged else None
+    return report.finish(cfg, record_path, manifest, evals, record=record, preset=preset, merged=saved)
 
 
 def free_memory() -> None:

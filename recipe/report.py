@@ -103,8 +103,9 @@ def how_to_score(cfg: TrainConfig) -> list[str]:
             f"{cfg.run_name + '-adapter'!r}, out_dir={str(eval_dir(cfg))!r})"]
 
 
-def _files(cfg: TrainConfig, record_path: Path, evals: dict) -> dict:
-    files = {"adapter": cfg.checkpoint_dir, "run record": Path(record_path),
+def _files(cfg: TrainConfig, record_path: Path, evals: dict, merged: Path | None = None) -> dict:
+    files = {"adapter": cfg.checkpoint_dir, **({"merged model": Path(merged)} if merged else {}),
+             "run record": Path(record_path),
              "loss plot": Path(record_path).parent / "loss.png",
              **{f"scores ({label})": eval_dir(cfg) / f"{cfg.run_name}-{label}.json" for label in evals},
              "summary": cfg.run_dir / "summary.json"}
@@ -112,13 +113,13 @@ def _files(cfg: TrainConfig, record_path: Path, evals: dict) -> dict:
 
 
 def finish(cfg: TrainConfig, record_path, manifest: dict, evals: dict, sharded: bool = False,
-           record: dict | None = None, preset: str | None = None) -> dict:
+           record: dict | None = None, preset: str | None = None, merged: Path | None = None) -> dict:
     """Write `<run_dir>/summary.json` and print a short report; returns the summary.
 
     `record_path` is the run record (metrics.json) the report quotes; `record` is the record this process has
     just built: when it trained no step (the run was already finished), its kept record speaks instead, and
     the report says so. `sharded=True` (FSDP): no scores, and how to score the adapter. `preset`: the preset the
-    run started from (None: an earlier run's config, --like).
+    run started from (None: an earlier run's config, --like). `merged`: where --save-merged wrote the merged model.
     """
     from helpers import evaluation
 
@@ -147,7 +148,7 @@ def finish(cfg: TrainConfig, record_path, manifest: dict, evals: dict, sharded: 
 
         steps, losses = zip(*kept["loss_history"])
         plot_loss_curves({cfg.run_name: (steps, losses)}, name="loss", out_dir=loss_plot.parent)
-    files = _files(cfg, record_path, evals)
+    files = _files(cfg, record_path, evals, merged)
     summary["files"] = {name: str(Path(path).resolve()) for name, path in files.items()}
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

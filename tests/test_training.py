@@ -278,9 +278,14 @@ def test_smoke_preset_runs_the_whole_pipeline(tmp_path, capsys):
     assert "smoke was already finished at step 12" in text and "record is kept" in text and "--fresh" in text
     assert " 0 tokens/s" not in text and f"({summary['tokens_per_second']:,.0f} tokens/s)" in text
 
-    # --like: the same run again from its record (config and prepared data), here shortened to 2 steps
-    like = train.main(["--like", str(tmp_path / "runs" / "smoke"), "--skip-base-eval", "--set", "max_steps=2"])
+    # --like: the same run again from its record, shortened to 2 steps; --save-merged writes the merged model, and
+    # the report's file list says where
+    like = train.main(["--like", str(tmp_path / "runs" / "smoke"), "--skip-base-eval", "--set", "max_steps=2",
+                       "--save-merged"])
     assert like["run"] == "smoke-again" and like["data_rows"] == summary["data_rows"] and like["preset"] is None
+    merged = Path(like["files"]["merged model"])
+    assert merged == (tmp_path / "merged" / "smoke-again").resolve() and (merged / "config.json").is_file()
+    assert "merged model" in "\n".join(report_of(capsys.readouterr().out)) and "merged model" not in summary["files"]
     rerun = read_record(tmp_path / "runs" / "smoke-again")
     assert rerun["steps"] == 2
     assert {k: v for k, v in rerun["config"].items() if k not in ("run_name", "max_steps")} == \
