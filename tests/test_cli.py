@@ -119,6 +119,8 @@ def test_settings_out_of_range_are_refused_in_one_message():
         TrainConfig(**bad)
     assert all(f"{name}={value}" in str(error.value) for name, value in bad.items()), error.value
     assert "notebook 03" in str(error.value) and "--set" in str(error.value)
+    with pytest.raises(ValueError, match="Not a number: eval_limit='abc'"):  # a notebook parameter given as text
+        TrainConfig(eval_limit="abc")
     with pytest.raises(ValueError, match="num_train_epochs=0"):
         TrainConfig().replace(num_train_epochs=0)
     assert TrainConfig().replace(num_train_epochs=0, max_steps=5).max_steps == 5  # steps alone are enough

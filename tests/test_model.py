@@ -270,6 +270,15 @@ def test_preflight_refuses_other_architectures_before_any_download(tmp_path, cap
         mh.require(mh.preflight(tmp_path)[:1])
 
 
+def test_preflight_names_a_model_folder_that_is_not_there(tmp_path, capsys):
+    """A mistyped MODEL_ID folder: the model check says no model is there and what MODEL_ID may be; the disk check
+    does not fail on the same mistake."""
+    checks = {c.name: c for c in mh.preflight(tmp_path / "tiny-nemotrn")}
+    assert not checks["model"].ok and "no model found there" in checks["model"].message
+    assert "config.json" in checks["model"].fix and "the check itself failed" not in capsys.readouterr().out
+    assert checks["disk"].ok and "not checked" in checks["disk"].message
+
+
 def test_load_tokenizer_builds_the_tiny_model_on_first_use(tmp_path, monkeypatch):
     monkeypatch.setattr(mh, "TINY_MODEL", str(tmp_path / "tiny-nemotron"))
     tokenizer = mh.load_tokenizer(tmp_path / "tiny-nemotron")

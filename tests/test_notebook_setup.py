@@ -181,3 +181,22 @@ def test_resolve_path_finds_the_repository_from_any_folder(repo, monkeypatch, tm
     assert notebook.resolve_path("data/sample") == str(repo / "data" / "sample")
     assert notebook.resolve_path("outputs/not-made-yet") == str(repo / "outputs" / "not-made-yet")  # made later
     assert notebook.resolve_path("nvidia/some-model") == "nvidia/some-model"  # a Hub id
+
+
+def test_notebook_parameters_take_the_defaults_type_and_name_a_bad_value(monkeypatch):
+    """Environment variables override the parameters cell in the default's type; a value that is not of that type
+    is named with what was expected, not a bare int() or float() error."""
+    for name, raw, default, expected in [("MAX_STEPS", "20", -1, 20), ("LEARNING_RATE", "1e-4", 2e-4, 1e-4),
+                                         ("MERGE", "true", False, True), ("MERGE", "0", False, False),
+                                         ("EVAL_LIMIT", "100", None, 100), ("EVAL_LIMIT", "none", None, None),
+                                         ("REVISION", "main", None, "main"), ("MODEL_ID", "a/b", "x/y", "a/b")]:
+        monkeypatch.setenv(name, raw)
+        assert notebook.setting(name, default) == expected, (name, raw)
+    monkeypatch.delenv("MAX_STEPS")
+    assert notebook.setting("MAX_STEPS", -1) == -1
+    for name, raw, default, words in [("MAX_STEPS", "abc", -1, "MAX_STEPS='abc': expected an integer"),
+                                      ("LEARNING_RATE", "2e-4x", 2e-4, "LEARNING_RATE='2e-4x': expected a number"),
+                                      ("MERGE", "maybe", False, "MERGE='maybe': expected true/false")]:
+        monkeypatch.setenv(name, raw)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            notebook.setting(name, default)

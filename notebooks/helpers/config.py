@@ -52,8 +52,11 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        """A value out of range is refused here, in one message, not deep inside training."""
-        v = vars(self)
+        """A value of the wrong kind or out of range is refused here, in one message, not deep inside training."""
+        v, fix = vars(self), "Fix it in notebook 03's parameters cell, or with train.py --set NAME=VALUE."
+        numbers = [f.name for f in dataclasses.fields(self) if f.type.split(" |")[0] in ("int", "float")]
+        if wrong := [f"{k}={v[k]!r}" for k in numbers if isinstance(v[k], (str, bool))]:
+            raise ValueError(f"Not a number: {'; '.join(wrong)}. {fix}")
         whole = ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "eval_batch_size",
                  "logging_steps", "save_steps", "save_total_limit", "train_limit", "eval_limit")  # None: no limit
         bad = [f"{k}={v[k]} (at least 1)" for k in whole if v[k] is not None and v[k] < 1]
@@ -63,8 +66,7 @@ class TrainConfig:
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             bad.append(f"num_train_epochs={self.num_train_epochs} (above 0, unless max_steps is)")
         if bad:
-            raise ValueError("Out of range: " + "; ".join(bad) + ". Fix it in notebook 03's parameters cell, or "
-                             "with train.py --set NAME=VALUE.")
+            raise ValueError(f"Out of range: {'; '.join(bad)}. {fix}")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -111,6 +111,8 @@ def _check_disk(model_id, need_gib) -> Check:
 
     folder = _existing_parent(constants.HF_HUB_CACHE)
     free = shutil.disk_usage(folder).free / GIB
+    if not Path(model_id).is_dir() and (Path(model_id).is_absolute() or model_id.startswith(".")):
+        return Check("disk", True, f"{free:.0f} GiB free at {folder} (no model at {model_id}: not checked)")
     if Path(model_id).is_dir() or isinstance(try_to_load_from_cache(model_id, "config.json"), str):
         return Check("disk", True, f"weights already on disk ({free:.0f} GiB free at {folder})")
     if need_gib is None:
@@ -123,7 +125,12 @@ def _check_model(model_id) -> Check:
     """Is it a NemotronH checkpoint, which transformers runs with its built-in code (no remote code)?"""
     from transformers import AutoConfig
 
-    kind = "nemotron_h" if model_id == DEFAULT_MODEL_ID else AutoConfig.from_pretrained(model_id).model_type
+    try:
+        kind = "nemotron_h" if model_id == DEFAULT_MODEL_ID else AutoConfig.from_pretrained(model_id).model_type
+    except (OSError, ValueError) as error:  # no such folder or Hub model (a typo?), or no network
+        return Check("model", False, f"{model_id}: no model found there ({str(error).splitlines()[0][:160]})",
+                     f"MODEL_ID / model_id is a folder holding config.json or a Hub id such as {DEFAULT_MODEL_ID}; "
+                     f"offline, the tiny model {TINY_MODEL}")
     if kind == "nemotron_h":
         return Check("model", True, f"{model_id}: nemotron_h, transformers' built-in code")
     return Check("model", False, f"{model_id} is a '{kind}' model, but these notebooks are for 'nemotron_h' "

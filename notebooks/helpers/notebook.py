@@ -23,7 +23,11 @@ def setting(name: str, default):
             raise ValueError(f"{name}={raw!r}: expected true/false.")
         return raw.lower() in ("1", "true", "yes")
     if isinstance(default, (int, float)):
-        return type(default)(raw)
+        try:
+            return type(default)(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r}: expected {'an integer' if isinstance(default, int) else 'a number'} "
+                             f"(default {default}).") from None
     if default is None or isinstance(default, (list, dict)):
         if raw.lower() in ("", "none", "null"):
             return None
