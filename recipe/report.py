@@ -36,16 +36,23 @@ def prepare_data(cfg: TrainConfig, tokenizer, reuse: bool = False):
     """
     from helpers import data
 
-    if reuse:
-        return data.load_formatted(cfg.data_dir)
     source = cfg.data_source
-    if source == "synthetic":
-        from recipe import synthetic
+    if reuse:
+        dataset, manifest = data.load_formatted(cfg.data_dir)
+    else:
+        if source == "synthetic":
+            from recipe import synthetic
 
-        source = synthetic.write_synthetic_split_files(synthetic_dir(cfg), seed=cfg.seed)
-    return data.prepare_medmcqa(resolve_path(source), out_dir=cfg.data_dir, tokenizer=tokenizer,
-                                max_length=cfg.max_length, with_explanation=cfg.with_explanation,
-                                cop_base=cfg.cop_base)
+            source = synthetic.write_synthetic_split_files(synthetic_dir(cfg), seed=cfg.seed)
+        dataset, manifest = data.prepare_medmcqa(resolve_path(source), out_dir=cfg.data_dir, tokenizer=tokenizer,
+                                                 max_length=cfg.max_length, with_explanation=cfg.with_explanation,
+                                                 cop_base=cfg.cop_base)
+    missing = [split for split in ("train", "validation") if split not in dataset]
+    if missing:  # found before the model is loaded
+        raise data.DataError(f"No {' and no '.join(missing)} split in {source}: train.py trains on train and scores "
+                             f"on validation. Fix: add {missing[0]}.jsonl to that folder (the original release names "
+                             "validation dev.json), or choose another data_source.")
+    return dataset, manifest
 
 
 # ---------------------------------------------------------------- the report

@@ -145,6 +145,23 @@ def test_lora_that_4bit_cannot_carry_is_refused_before_loading_or_data(monkeypat
     assert exit.value.code == 2 and "cannot reach NF4 experts" in capsys.readouterr().err
 
 
+def test_a_source_without_validation_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """train.py scores on validation: a folder holding train.jsonl alone stops in one line once the data is
+    prepared, before the model is loaded."""
+    import train
+    from helpers import data
+
+    folder = tmp_path / "train-only"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text((data.SAMPLE_DIR / "train.jsonl").read_text())
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--preset", "smoke", "--set", f"data_source={folder}", f"data_dir={tmp_path / 'fmt'}",
+                    f"output_root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "No validation split in" in err and "dev.json" in err and "Traceback" not in err
+
+
 def test_a_bad_data_line_is_reported_in_one_line(tmp_path, capsys):
     """A JSONL line holding `[1,2,3]`: helpers.data's message, printed by train.py without a traceback;
     --debug shows the traceback instead."""
