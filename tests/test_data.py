@@ -171,6 +171,20 @@ def test_cop_given_as_text_or_float(tmp_path):
         data.detect_cop_base(letters, "files")
 
 
+def test_optional_text_fields_missing_as_nan_or_numbers_are_read_as_missing(tmp_path):
+    """Python's json module writes a pandas NaN as NaN: in subject, topic, choice type or explanation it means
+    missing (Arrow would refuse a float in a text column). The row is kept, with the defaults."""
+    odd = dict(ROW, id="nan", subject_name=float("nan"), topic_name=float("nan"), choice_type=float("nan"),
+               exp=float("nan"))
+    (tmp_path / "train.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(odd) + "\n")  # NaN, as json writes it
+    (tmp_path / "validation.jsonl").write_text(json.dumps(dict(ROW, id="v", subject_name=7, question="Other?")))
+    dataset, manifest = data.prepare_medmcqa(tmp_path, out_dir=tmp_path / "out")
+    assert manifest["rows"] == {"train": 2, "validation": 1} and not any(manifest["dropped"]["train"].values())
+    row = dataset["train"][1]
+    assert row["subject"] == "Unknown" and not row["has_explanation"] and "Explanation" not in row["completion"]
+    assert dataset["validation"][0]["subject"] == "Unknown"
+
+
 def test_test_rows_given_as_validation_are_named_as_such(tmp_path):
     write(tmp_path, "train", [dict(ROW, id=f"t{c}", question=f"Q{c}?", cop=c) for c in range(4)])
     write(tmp_path, "validation", [dict(ROW, id="v", cop=-1, exp=None)])

@@ -196,12 +196,11 @@ def clean_split(rows: list[dict], split: str, cop_base: int) -> tuple[list[dict]
             report.dropped[reason] += 1
             continue
         seen.add(str(row["id"]))
-        exp = row.get("exp")
+        text = {k: row.get(k) if isinstance(row.get(k), str) and row[k].strip() else None  # blank, NaN, null: none
+                for k in ("choice_type", "exp", "subject_name", "topic_name")}
         kept.append({"id": str(row["id"]), "question": row["question"], **{k: row[k] for k in OPTION_KEYS},
-                     "cop": _cop(row["cop"]) - cop_base if report.labelled else -1,
-                     "choice_type": row.get("choice_type") or "single",
-                     "exp": exp if isinstance(exp, str) and exp.strip() else None,  # blank means none
-                     "subject_name": row.get("subject_name") or "Unknown", "topic_name": row.get("topic_name") or None})
+                     "cop": _cop(row["cop"]) - cop_base if report.labelled else -1, **text,
+                     "choice_type": text["choice_type"] or "single", "subject_name": text["subject_name"] or "Unknown"})
     report.kept = len(kept)
     report.require_rows()
     return kept, report
